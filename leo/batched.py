@@ -1,0 +1,79 @@
+"""Batches of episodes: vmap over episodes, the outer gradient step, compiled once.
+
+``MetaStep`` is the ``train_step(state, batch, noise) -> metrics`` of the training loop:
+the per-episode math of :mod:`leo.model` under ``torch.func.vmap`` (each episode its own
+randomness), wrapped whole in ``torch.compile`` (``cfg.compile``; eager otherwise), with the
+backward pass, NaN fallback, clipping and Adam outside the compiled region.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from leo.config import LEOConfig
+from leo.model import Params, adapt, episode_loss, meta_loss
+from leo.optim import Adam, clip_gradients, nan_fallback
+
+
+def batch_meta_loss(
+    params: Params, xs: Tensor, xq: Tensor, cfg: LEOConfig, noise: dict | None = None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Meta-loss of a batch (point 11) and its per-batch metrics.
+
+    Args:
+        xs: (B, N, K, D) support; xq: (B, N, Q, D) queries; noise: pre-drawn or None.
+    """
+
+    def one(x_s, x_q, nz):
+        return episode_loss(params, x_s, x_q, cfg, nz)
+
+    in_dims = (0, 0, 0 if noise is not None else None)
+    q, kl, pen, acc = torch.func.vmap(one, in_dims=in_dims, randomness="different")(xs, xq, noise)
+    loss = meta_loss(params, q, kl, pen, cfg)
+    return loss, {
+        "query_loss": q.mean(),
+        "kl": kl.mean(),
+        "encoder_penalty": pen.mean(),
+        "accuracy": acc.mean(),
+    }
+
+
+def batch_adapt(params: Params, xs: Tensor, cfg: LEOConfig) -> dict[str, Tensor]:
+    """Evaluation-mode adaptation of a batch: (B, N, K, D) -> ``w_bar`` (B, N, D) and codes."""
+    return torch.func.vmap(lambda x: adapt(params, x, cfg, training=False))(xs)
+
+
+class MetaStep:
+    """One outer step: loss, gradients (second order unless cfg.first_order), update."""
+
+    def __init__(self, cfg: LEOConfig) -> None:
+        self.cfg = cfg
+        loss_fn = functools.partial(batch_meta_loss, cfg=cfg)
+        self.loss_fn = torch.compile(loss_fn, dynamic=False) if cfg.compile else loss_fn
+
+    def __call__(
+        self, params: Params, opt: Adam, xs: Tensor, xq: Tensor, noise: dict | None = None
+    ) -> dict[str, Tensor]:
+        """Update ``params`` in place; return detached metric tensors (no host sync)."""
+        loss, metrics = self.loss_fn(params, xs, xq, noise=noise)
+        names = list(params)
+        grads = dict(zip(names, torch.autograd.grad(loss, [params[k] for k in names]), strict=True))
+        grads = nan_fallback(params, loss.detach(), grads)
+        grads = clip_gradients(grads, self.cfg.gradient_threshold, self.cfg.gradient_norm_threshold)
+        opt.step(params, grads)
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in metrics.items()}}
+
+
+class BatchAdapter:
+    """Evaluation-mode adaptation of episode batches, compiled when ``cfg.compile``."""
+
+    def __init__(self, cfg: LEOConfig) -> None:
+        fn = functools.partial(batch_adapt, cfg=cfg)
+        self.fn = torch.compile(fn, dynamic=False) if cfg.compile else fn
+
+    @torch.no_grad()
+    def __call__(self, params: Params, xs: Tensor) -> dict[str, Tensor]:
+        return self.fn({k: v.detach() for k, v in params.items()}, xs)

@@ -1,0 +1,142 @@
+"""LEO configuration: one frozen dataclass, the reference defaults, and the published presets.
+
+Field comments name the paper's symbols (beta, gamma, lambda1, lambda2, alpha) and the
+reference code's flag where they differ. Defaults are the reference code's
+(``REFERENCE.md``, "Training and evaluation protocol").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from leo.errors import LeoInputError
+
+
+@dataclass(frozen=True)
+class LEOConfig:
+    """Every knob of the model, its meta-training and its evaluation."""
+
+    # --- problem ---
+    num_classes: int = 5  # N: classes per episode
+    num_shots: int = 1  # K: support examples per class
+    num_queries: int = 15  # queries per class in meta-training episodes
+    eval_per_class_total: int | None = 600  # support + queries per class at evaluation
+    #   (the protocol's total: 600 on miniImageNet; None = every example of the class)
+
+    # --- model ---
+    latent_dim: int = 64  # Z, "num_latents"
+    hidden_dim: int | None = None  # None: linear encoder/decoder (reference code);
+    #   an int (the paper's 256): 2-layer ReLU encoder and decoder with this hidden width
+    dropout: float = 0.5  # dropout rate on embeddings, meta-training only ("dropout_rate")
+    inner_steps: int = 5  # LEO latent-space adaptation steps ("inner_unroll_length")
+    finetune_steps: int = 5  # parameter-space fine-tuning steps ("finetuning_unroll_length")
+    eval_inner_steps: int | None = None  # None: same as inner_steps (the paper: 3 train / 6 test)
+    eval_finetune_steps: int | None = None  # None: same as finetune_steps
+    inner_lr_init: float = 1.0  # alpha, init of the learnable per-latent step size
+    finetune_lr_init: float = 1e-3  # init of the learnable per-dimension fine-tuning step size
+
+    # --- objective ---
+    kl_weight: float = 1e-3  # beta
+    encoder_penalty_weight: float = 1e-9  # gamma
+    l2_penalty_weight: float = 1e-8  # lambda1 (L2 = sum(w^2)/2 over network weights)
+    orthogonality_penalty_weight: float = 1e-3  # lambda2 (on the decoder matrix)
+
+    # --- ablations and options ---
+    deterministic: bool = False  # no sampling anywhere, train and test (paper Table 2)
+    random_prior: bool = False  # latent init z ~ N(0, I) instead of the encoder (Table 2)
+    first_order: bool = False  # opt-in: stop gradients through the inner-loop gradients
+    form: str = "fast"  # "fast": closed-form inner gradients and factored relation net;
+    #   "literal": every pair, every weight sample's logits, torch.func.grad (same values)
+
+    # --- outer optimisation ---
+    outer_lr: float = 1e-4  # Adam learning rate
+    gradient_threshold: float = 0.1  # clip every gradient element to +-this
+    gradient_norm_threshold: float = 0.1  # then clip each tensor's norm to this
+    batch_size: int = 12  # episodes per meta-batch
+    num_steps: int = 100_000  # outer steps (early stopping keeps the best validation)
+    validate_every: int = 1_000  # steps between meta-validations
+    val_batches: int = 10  # meta-validation: batches of ...
+    val_batch_size: int = 200  # ... episodes each
+
+    # --- execution ---
+    seed: int = 0
+    compile: bool = True  # torch.compile the batched step; False = eager fallback
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.num_classes >= 2, "num_classes must be >= 2"),
+            (self.num_shots >= 1, "num_shots must be >= 1"),
+            (self.num_queries >= 1, "num_queries must be >= 1"),
+            (self.latent_dim >= 1, "latent_dim must be >= 1"),
+            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (self.inner_steps >= 0 and self.finetune_steps >= 0, "step counts must be >= 0"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.form in ("fast", "literal"), "form must be 'fast' or 'literal'"),
+            (self.l2_penalty_weight > 0, "l2_penalty_weight must be > 0 (NaN fallback uses it)"),
+            (self.hidden_dim is None or self.hidden_dim >= 1, "hidden_dim must be >= 1 or null"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LeoInputError(f"LEO config: {message}")
+
+    @property
+    def test_inner_steps(self) -> int:
+        """Latent adaptation steps at evaluation."""
+        return self.inner_steps if self.eval_inner_steps is None else self.eval_inner_steps
+
+    @property
+    def test_finetune_steps(self) -> int:
+        """Fine-tuning steps at evaluation."""
+        return self.finetune_steps if self.eval_finetune_steps is None else self.eval_finetune_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (for checkpoints and JSON)."""
+        return dataclasses.asdict(self)
+
+
+def _tuned(outer_lr, l2, orth, dropout, kl, enc, shots) -> dict[str, Any]:
+    return dict(
+        outer_lr=outer_lr,
+        l2_penalty_weight=l2,
+        orthogonality_penalty_weight=orth,
+        dropout=dropout,
+        kl_weight=kl,
+        encoder_penalty_weight=enc,
+        num_shots=shots,
+    )
+
+
+# The hyperparameters published with the reference code (REFERENCE.md, "Tuned hyperparameters").
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "mini-1shot": _tuned(2.739071e-4, 3.623413e-10, 0.188103, 0.307651, 0.756143, 5.756821e-6, 1),
+    "mini-5shot": _tuned(4.102361e-4, 8.540338e-9, 1.523998e-3, 0.300299, 0.466387, 2.661608e-7, 5),
+    "tiered-1shot": _tuned(
+        8.659053e-4, 4.148858e-10, 5.451078e-3, 0.475126, 2.034189e-3, 8.302962e-5, 1
+    ),
+    "tiered-5shot": _tuned(
+        6.110314e-4, 1.690399e-10, 2.481216e-2, 0.415158, 1.622811, 2.672450e-5, 5
+    ),
+}
+
+
+def make_config(preset: str = "default", **overrides: Any) -> LEOConfig:
+    """Build a config from a preset name plus field overrides.
+
+    Raises:
+        LeoInputError: unknown preset or field, naming it.
+    """
+    if preset not in PRESETS:
+        raise LeoInputError(f"unknown LEO preset {preset!r} (one of {', '.join(PRESETS)})")
+    fields = {f.name for f in dataclasses.fields(LEOConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise LeoInputError(f"unknown LEO config key {unknown[0]!r}")
+    return LEOConfig(**{**PRESETS[preset], **overrides})
+
+
+def config_from_dict(values: dict[str, Any]) -> LEOConfig:
+    """Inverse of :meth:`LEOConfig.to_dict` (unknown keys are an error)."""
+    return make_config("default", **values)
