@@ -25,25 +25,25 @@ def draw_noise(
     num_queries: int,
     dim: int,
     generator: torch.Generator,
-    device=None,
 ) -> dict[str, torch.Tensor]:
-    """Draw every random number one meta-training batch needs (CPU generator, then moved)."""
+    """Draw every random number one meta-training batch needs, on the generator's device."""
     n, k, z = cfg.num_classes, cfg.num_shots, cfg.latent_dim
     s, f = cfg.inner_steps, cfg.finetune_steps
     rate = cfg.dropout
+    device = generator.device
     stochastic = not cfg.deterministic
 
     def keep(*shape):
-        u = torch.rand(shape, generator=generator)
+        u = torch.rand(shape, generator=generator, device=device)
         return (u >= rate).float() / (1.0 - rate)
 
     out: dict[str, torch.Tensor] = {}
     if stochastic:
-        out["z_eps"] = torch.randn(batch, n, k, z, generator=generator)
-        out["w_eps"] = torch.randn(batch, s + 1, n, k, dim, generator=generator)
+        out["z_eps"] = torch.randn(batch, n, k, z, generator=generator, device=device)
+        out["w_eps"] = torch.randn(batch, s + 1, n, k, dim, generator=generator, device=device)
     if rate > 0:
         if not cfg.random_prior:
             out["enc_keep"] = keep(batch, n, k, dim)
         out["support_keep"] = keep(batch, max(s + f, 1), n, k, dim)
         out["query_keep"] = keep(batch, n, num_queries, dim)
-    return {key: v.to(device) for key, v in out.items()}
+    return out
