@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +79,7 @@ def load_checkpoint(path: str | Path) -> tuple[Params, LEOConfig, dict]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
         return obj["params"], config_from_dict(obj["config"]), obj
-    except (KeyError, RuntimeError, EOFError) as err:
+    except (KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
         raise LeoInputError(f"{path}: not a LEO checkpoint ({type(err).__name__})") from None
 
 
