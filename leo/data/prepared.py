@@ -46,7 +46,9 @@ class PreparedSplit:
     def __post_init__(self) -> None:
         n = len(self.images)
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
-            raise ValueError(f"images must be uint8 (n, H, W, C), got {self.images.dtype} {self.images.shape}")
+            raise ValueError(
+                f"images must be uint8 (n, H, W, C), got {self.images.dtype} {self.images.shape}"
+            )
         if self.labels.shape != (n,) or self.ids.shape != (n,):
             raise ValueError("labels and ids must have one entry per image")
 
