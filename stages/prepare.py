@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from leo.data.fetch import atomic_dir, read_source
+from leo.atomic import atomic_dir
+from leo.data.fetch import read_source
 from leo.data.images import RawFiles
 from leo.data.prepared import save_prepared
 from leo.errors import LeoInputError

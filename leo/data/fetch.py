@@ -14,7 +14,6 @@ sha256 is that of its sorted ``sha256sum``-style listing (see :func:`tree_sha256
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import json
@@ -22,18 +21,17 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from leo.atomic import write_json
+from leo.atomic import atomic_dir, write_json
 from leo.errors import LeoInputError
 
 SOURCE_FILE = "SOURCE.json"
@@ -105,7 +103,7 @@ def copy_verified(src: Path, dest: Path, spec: FileSpec) -> None:
             shutil.copyfile(src, dest)
         _check_sha(f"{src}", spec.sha256, tree_sha256(dest))
     except BaseException:
-        _remove(dest)
+        remove_path(dest)
         raise
 
 
@@ -230,42 +228,6 @@ def _move(src: Path, dest: Path) -> None:
     except OSError:  # another file system: copy, then drop the source
         shutil.copyfile(src, dest)
         src.unlink()
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-# --- a whole raw directory -------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary directory beside ``path``; on success it replaces ``path``.
-
-    On an exception the temporary directory is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
-    try:
-        yield tmp
-        old = None
-        if path.exists() or path.is_symlink():
-            old = path.with_name(f"{tmp.name}.old")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            _remove(old)
-    except BaseException:
-        _remove(tmp)
-        raise
 
 
 def local_source(spec: FileSpec, data_dir: str | os.PathLike | None, subdir: str) -> Path | None:
