@@ -31,7 +31,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from leo.atomic import remove_path, write_json
+from leo.atomic import atomic_dir, remove_path, write_json
 from leo.errors import LeoInputError
 
 SOURCE_FILE = "SOURCE.json"
