@@ -25,7 +25,8 @@ from leo.data.prepared import load_manifest, load_prepared_split
 from leo.errors import LeoInputError
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path("/work/shared/data")
+from shared_data import SHARED_DATA as SHARED
+
 SMALL = {  # the sha256 of the two small background archives (data README)
     "images_background_small1.zip": "f38eb80f801274ac2b4dff5b2428901"
     "6bfaba4a7d5bb50deebf27104ad6cb8a4",

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from shared_data import OMNIGLOT as REAL
 
 from leo.data.images import RawFiles
 from leo.data.omniglot import load_split_file, read_omniglot
 from leo.errors import LeoInputError
 
-REAL = Path("/work/shared/data/omniglot")
 SMALL1 = REAL / "images_background_small1.zip"
 SPLIT = {"train": ["Korean"], "val": ["Balinese"], "test": ["Early_Aramaic"]}
 
