@@ -17,15 +17,14 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from shared_data import REPO
+from shared_data import SHARED_DATA as SHARED
 
 import stages.download as download
 import stages.prepare as prepare
 from leo.data.fetch import tree_sha256
 from leo.data.prepared import load_manifest, load_prepared_split
 from leo.errors import LeoInputError
-
-REPO = Path(__file__).resolve().parents[1]
-from shared_data import SHARED_DATA as SHARED
 
 SMALL = {  # the sha256 of the two small background archives (data README)
     "images_background_small1.zip": "f38eb80f801274ac2b4dff5b2428901"
