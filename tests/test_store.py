@@ -426,13 +426,16 @@ def test_tiered_sized_split_loads_within_1_5x_of_the_array(tmp_path):
             ]
             writer.write_batch(pa.record_batch(batch, schema=schema))
 
-    out = subprocess.run(
-        [sys.executable, "-c", _MEASURE, str(path)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=True,
-    ).stdout.split()
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _MEASURE, str(path)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            check=True,
+        ).stdout.split()
+    finally:
+        path.unlink()  # pytest keeps recent tmp dirs; do not leave 1 GB behind
     grown_kib, rows, width, classes = map(int, out[:4])
     norm_min, norm_max, seconds = map(float, out[4:])
     array_bytes = n * dim * 4
