@@ -246,7 +246,13 @@ def _literal_loss_of_w(w, x):
 
 
 def adapt(
-    params: Params, x_support: Tensor, cfg: LEOConfig, *, training: bool, noise: Noise = None
+    params: Params,
+    x_support: Tensor,
+    cfg: LEOConfig,
+    *,
+    training: bool,
+    noise: Noise = None,
+    sample: bool = False,
 ) -> dict[str, Tensor]:
     """Points 1-8 for one episode: encode, LEO inner loop, fine-tuning.
 
@@ -256,6 +262,8 @@ def adapt(
         cfg: the config (form, ablations, step counts, dropout).
         training: meta-training (dropout, sampling, KL, penalty) or evaluation (means).
         noise: pre-drawn noise (:func:`leo.noise.draw_noise`) or None to draw in-graph.
+        sample: at evaluation, sample the latents and weights instead of taking the means
+            (test-time ensembles; no dropout, no KL). Ignored in training, which samples.
 
     Returns:
         dict with ``w_bar`` (N, D) final classifier (mean over k of the adapted weights),
@@ -264,7 +272,7 @@ def adapt(
     n, k, d = x_support.shape
     zdim = cfg.latent_dim
     rate = cfg.dropout if training else 0.0
-    stochastic = training and not cfg.deterministic
+    stochastic = (training or sample) and not cfg.deterministic
     steps = cfg.inner_steps if training else cfg.test_inner_steps
     ft_steps = cfg.finetune_steps if training else cfg.test_finetune_steps
     offset = decoder_std_offset(n, d)
