@@ -1,0 +1,188 @@
+"""Test-time latent ensembles: the paper's proposed future work, measured.
+
+"A second potential improvement would be to draw multiple samples from the latent
+distribution to leverage an ensemble of models at test time" (paper, conclusion). Per
+episode we draw S classifiers ``adapt(..., training=False, sample=True)`` (latent z and
+every decoded w sampled, no dropout), average their class PROBABILITIES on each query, and
+predict the most probable class; "mean-only" is LEO's usual prediction from the means.
+
+Randomness is explicit: the samples' noise is pre-drawn from a generator seeded by
+``noise_seed`` (:func:`draw_sample_noise`: ``z_eps`` (N, K, Z) and ``w_eps``
+(S_test + 1, N, K, D) per sample and episode), sample by sample over the whole episode
+batch, so sample s of an episode does not depend on how queries are chunked. The ensembles
+are nested: the S = 1 and S = 5 ensembles use the first 1 and 5 of the samples drawn for
+the largest S, so their differences are paired too.
+
+Episodes are the protocol's: the same ``seed`` and ``batch_size`` as
+:func:`leo.evaluate.evaluate` give the same episodes, so mean-only reproduces its accuracy.
+
+Cost: an average of probabilities is not a linear classifier, so the grouped scoring of
+:func:`leo.evaluate.score_queries` does not apply; each episode's queries are gathered,
+``chunk`` episodes at a time ((chunk, N, Q, D) floats: 20 episodes of 5 x 599 x 640 are
+about 150 MB), and scored by all S classifiers: O(S * episodes * N * Q * N * D) multiply-adds
+plus S adaptations per episode, about S + 1 times LEO's evaluation. Fine for Omniglot-sized
+splits and for a few thousand miniImageNet episodes; budget accordingly for 10,000.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from leo.batched import batch_adapt
+from leo.config import LEOConfig
+from leo.episodes import EpisodeSampler
+from leo.model import Params, adapt
+from leo.stats import CalibrationTotals, mean_ci95
+
+SAMPLE_COUNTS = (1, 5, 20)
+MEAN_ONLY = "mean-only"
+
+
+def ensemble_name(num_samples: int) -> str:
+    """Result key of the S-sample ensemble, e.g. ``"ensemble-5"``."""
+    return f"ensemble-{num_samples}"
+
+
+def draw_sample_noise(
+    cfg: LEOConfig, batch: int, dim: int, generator: torch.Generator
+) -> dict[str, Tensor]:
+    """Noise of one evaluation-time sample for ``batch`` episodes (no dropout masks).
+
+    Returns:
+        ``z_eps`` (B, N, K, Z) and ``w_eps`` (B, S_test + 1, N, K, D), standard normals.
+    """
+    n, k, steps = cfg.num_classes, cfg.num_shots, cfg.test_inner_steps
+    dev = generator.device
+    return {
+        "z_eps": torch.randn(batch, n, k, cfg.latent_dim, generator=generator, device=dev),
+        "w_eps": torch.randn(batch, steps + 1, n, k, dim, generator=generator, device=dev),
+    }
+
+
+def batch_adapt_sampled(params: Params, xs: Tensor, noise: dict, cfg: LEOConfig) -> Tensor:
+    """One sampled classifier per episode: (B, N, K, D) and noise -> ``w_bar`` (B, N, D)."""
+
+    def one(x, nz):
+        return adapt(params, x, cfg, training=False, noise=nz, sample=True)["w_bar"]
+
+    return torch.func.vmap(one)(xs, noise)
+
+
+class SampledAdapter:
+    """Draws S sampled classifiers per episode, compiled when ``cfg.compile``."""
+
+    def __init__(self, cfg: LEOConfig) -> None:
+        self.cfg = cfg
+        sampled = functools.partial(batch_adapt_sampled, cfg=cfg)
+        means = functools.partial(batch_adapt, cfg=cfg)
+        self.sampled = torch.compile(sampled, dynamic=False) if cfg.compile else sampled
+        self.means = torch.compile(means, dynamic=False) if cfg.compile else means
+
+    @torch.no_grad()
+    def __call__(
+        self, params: Params, xs: Tensor, num_samples: int, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """Mean classifier (B, N, D) and ``num_samples`` sampled ones (S, B, N, D)."""
+        params = {k: v.detach() for k, v in params.items()}
+        mean = self.means(params, xs)["w_bar"]
+        draws = [
+            self.sampled(
+                params, xs, draw_sample_noise(self.cfg, xs.shape[0], xs.shape[-1], generator)
+            )
+            for _ in range(num_samples)
+        ]
+        return mean, torch.stack(draws)
+
+
+def ensemble_log_probs(weights: Tensor, queries: Tensor) -> Tensor:
+    """log of the average class probability of S classifiers.
+
+    Args:
+        weights: (S, B, N, D) classifiers of B episodes.
+        queries: (B, M, D) query embeddings of each episode.
+
+    Returns:
+        (B, M, N): log((1/S) sum_s softmax(x W_s^T)), by logsumexp (S = 1 is log_softmax).
+    """
+    logits = torch.einsum("bmd,sbnd->sbmn", queries, weights)
+    return torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=0) - math.log(weights.shape[0])
+
+
+@dataclass
+class EnsembleResult:
+    """One predictor's per-episode accuracies and pooled calibration over the same episodes."""
+
+    accuracies: np.ndarray  # (num_episodes,)
+    calibration: CalibrationTotals  # over every query of every episode
+
+    @property
+    def ece(self) -> float:
+        return self.calibration.ece
+
+    def summary(self) -> dict:
+        mean, ci = mean_ci95(self.accuracies)
+        return {"accuracy": mean, "ci95": ci, "ece": self.ece, "episodes": len(self.accuracies)}
+
+
+def evaluate_ensembles(
+    params: Params,
+    cfg: LEOConfig,
+    sampler: EpisodeSampler,
+    *,
+    num_episodes: int,
+    batch_size: int = 200,
+    seed: int = 1,
+    noise_seed: int = 0,
+    sample_counts: tuple[int, ...] = SAMPLE_COUNTS,
+    chunk: int = 20,
+) -> tuple[dict[str, EnsembleResult], float]:
+    """Accuracy and ECE of mean-only LEO and of S-sample ensembles on the same episodes.
+
+    Args:
+        params, cfg: a trained LEO model (eval step counts apply).
+        sampler: the split's protocol sampler (:func:`leo.evaluate.eval_sampler`).
+        num_episodes, batch_size, seed: the episodes, as :func:`leo.evaluate.evaluate`.
+        noise_seed: seeds the samples' generator (on the sampler's device).
+        sample_counts: the ensemble sizes S; the largest is drawn, the others are prefixes.
+        chunk: episodes whose queries are gathered at once.
+
+    Returns:
+        ({``"mean-only"``: ..., ``"ensemble-S"``: ... for each S}, wall seconds).
+    """
+    gen = torch.Generator(device=sampler.device).manual_seed(seed)
+    noise_gen = torch.Generator(device=sampler.device).manual_seed(noise_seed)
+    adapter = SampledAdapter(cfg)
+    names = [MEAN_ONLY] + [ensemble_name(s) for s in sample_counts]
+    accs: dict[str, list[Tensor]] = {k: [] for k in names}
+    cal = {k: CalibrationTotals() for k in names}
+    start, done = time.perf_counter(), 0
+    while done < num_episodes:
+        bsz = min(batch_size, num_episodes - done)
+        idx = sampler.indices(bsz, gen)
+        mean_w, sampled_w = adapter(
+            params, sampler.gather(idx.support), max(sample_counts), noise_gen
+        )
+        n, q = idx.query.shape[1:]
+        labels = torch.arange(n, device=sampler.device).repeat_interleave(q)
+        for lo in range(0, bsz, chunk):
+            hi = min(lo + chunk, bsz)
+            xq = sampler.gather(idx.query[lo:hi]).reshape(hi - lo, n * q, -1)  # (c, N*Q, D)
+            preds = {MEAN_ONLY: ensemble_log_probs(mean_w[None, lo:hi], xq)}
+            for s in sample_counts:
+                preds[ensemble_name(s)] = ensemble_log_probs(sampled_w[:s, lo:hi], xq)
+            for name, logp in preds.items():
+                conf, pred = logp.max(dim=-1)  # (c, N*Q)
+                correct = pred == labels
+                accs[name].append(correct.to(torch.float64).mean(dim=1).cpu())
+                probability = conf.exp().clamp(max=1.0)  # rounding can give 1 + 1e-7
+                cal[name].add(probability.reshape(-1).cpu(), correct.reshape(-1).cpu())
+        done += bsz
+    results = {k: EnsembleResult(torch.cat(accs[k]).numpy(), cal[k]) for k in names}
+    return results, time.perf_counter() - start

@@ -1,0 +1,115 @@
+"""Test-time latent ensembles: samples differ, S = 1 is one sampled classifier, mean-only is LEO's
+evaluation, everything reproducible from the seeds."""
+
+import numpy as np
+import pytest
+import torch
+
+from leo.config import make_config
+from leo.ensemble import (
+    MEAN_ONLY,
+    SampledAdapter,
+    draw_sample_noise,
+    ensemble_log_probs,
+    ensemble_name,
+    evaluate_ensembles,
+)
+from leo.evaluate import eval_sampler, evaluate, score_queries
+from leo.model import adapt, init_params
+from leo.synthetic import synthetic_split
+
+DIM = 12
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: extra threads only add overhead on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _setup(**kw):
+    cfg = make_config(latent_dim=4, compile=False, eval_per_class_total=None, **kw)
+    split = synthetic_split(10, 12, DIM, noise=0.4, seed=0, split="test")
+    params = init_params(cfg, DIM, torch.Generator().manual_seed(1))
+    return cfg, split, params, eval_sampler(split, cfg)
+
+
+def test_samples_differ_from_each_other_and_from_the_mean():
+    cfg, _, params, sampler = _setup()
+    xs, _, _ = sampler.sample(4, torch.Generator().manual_seed(0))
+    mean, draws = SampledAdapter(cfg)(params, xs, 3, torch.Generator().manual_seed(5))
+    assert draws.shape == (3, 4, 5, DIM)
+    for s in range(3):
+        assert (draws[s] - mean).abs().max() > 1e-3
+        for t in range(s):
+            assert (draws[s] - draws[t]).abs().max() > 1e-3
+    # the same generator seed gives the same samples
+    _, again = SampledAdapter(cfg)(params, xs, 3, torch.Generator().manual_seed(5))
+    assert torch.equal(draws, again)
+
+
+def _episode(noise, b):
+    return {k: v[b] for k, v in noise.items()}
+
+
+def test_one_sample_ensemble_equals_one_sampled_classifier():
+    cfg, _, params, sampler = _setup()
+    results, _ = evaluate_ensembles(
+        params, cfg, sampler, num_episodes=30, batch_size=15, seed=3, noise_seed=9,
+        sample_counts=(1,), chunk=4,
+    )  # fmt: skip
+    gen, noise_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(9)
+    expected = []
+    for _ in range(2):  # two batches of 15, drawn in order
+        idx = sampler.indices(15, gen)
+        noise = draw_sample_noise(cfg, 15, DIM, noise_gen)
+        w = torch.stack(
+            [
+                adapt(params, x, cfg, training=False, sample=True, noise=_episode(noise, b))[
+                    "w_bar"
+                ]
+                for b, x in enumerate(sampler.gather(idx.support))
+            ]
+        )
+        expected.append(score_queries(sampler, idx, w.detach()))
+    expected = torch.cat(expected).double().numpy()
+    assert np.allclose(results[ensemble_name(1)].accuracies, expected, atol=1e-6)
+    assert not np.allclose(results[ensemble_name(1)].accuracies, results[MEAN_ONLY].accuracies)
+
+
+def test_mean_only_equals_leo_evaluation_on_the_same_episodes():
+    cfg, split, params, sampler = _setup()
+    results, _ = evaluate_ensembles(
+        params, cfg, sampler, num_episodes=60, batch_size=25, seed=4, sample_counts=(1, 5), chunk=7
+    )
+    leo = evaluate(params, cfg, split, num_episodes=60, batch_size=25, seed=4)
+    assert np.allclose(results[MEAN_ONLY].accuracies, leo.accuracies, atol=1e-6)
+    assert set(results) == {MEAN_ONLY, "ensemble-1", "ensemble-5"}
+    for r in results.values():
+        s = r.summary()
+        assert s["episodes"] == 60 and 0.0 <= s["ece"] <= 1.0
+        assert r.calibration.count.sum() == 60 * 5 * 11  # every query of every episode
+        assert np.isclose(r.calibration.accuracy, r.accuracies.mean())
+
+
+def test_deterministic_model_ensembles_collapse_to_the_mean():
+    cfg, _, params, sampler = _setup(deterministic=True)
+    results, _ = evaluate_ensembles(
+        params, cfg, sampler, num_episodes=20, batch_size=20, seed=5, sample_counts=(1, 5)
+    )
+    for name in ("ensemble-1", "ensemble-5"):
+        assert np.array_equal(results[name].accuracies, results[MEAN_ONLY].accuracies)
+        assert np.isclose(results[name].ece, results[MEAN_ONLY].ece)
+
+
+def test_ensemble_averages_probabilities_not_logits():
+    # two classifiers, one query: confident in opposite directions, with different margins
+    weights = torch.tensor([[[[4.0, 0.0], [0.0, 0.0]]], [[[0.0, 0.0], [1.0, 0.0]]]])  # (2,1,2,2)
+    query = torch.tensor([[[1.0, 0.0]]])  # (1, 1, 2)
+    logp = ensemble_log_probs(weights, query)[0, 0]
+    p1, p2 = torch.softmax(torch.tensor([4.0, 0.0]), 0), torch.softmax(torch.tensor([0.0, 1.0]), 0)
+    assert torch.allclose(logp.exp(), (p1 + p2) / 2)
+    assert torch.allclose(ensemble_log_probs(weights[:1], query)[0, 0], torch.log(p1))
