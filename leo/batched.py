@@ -60,7 +60,12 @@ class MetaStep:
         """Update ``params`` in place; return detached metric tensors (no host sync)."""
         loss, metrics = self.loss_fn(params, xs, xq, noise=noise)
         names = list(params)
-        grads = dict(zip(names, torch.autograd.grad(loss, [params[k] for k in names]), strict=True))
+        # allow_unused: with 0 latent (or fine-tuning) steps a step size is not in the graph;
+        # its gradient is then zero and the update leaves it alone.
+        raw = torch.autograd.grad(
+            loss, [params[k] for k in names], allow_unused=True, materialize_grads=True
+        )
+        grads = dict(zip(names, raw, strict=True))
         grads = nan_fallback(params, loss.detach(), grads)
         grads = clip_gradients(grads, self.cfg.gradient_threshold, self.cfg.gradient_norm_threshold)
         opt.step(params, grads)

@@ -182,12 +182,6 @@ def test_registry_trains_a_leo_variant_and_scores_its_checkpoint(tmp_path):
     assert result.num_episodes == 20 and 0.0 <= result.mean <= 1.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="leo/batched.py MetaStep calls autograd.grad without allow_unused: with 0 "
-    "fine-tuning (or latent) steps finetune_lr (inner_lr) is not in the graph",
-)
 @pytest.mark.parametrize("name", ["leo-no-finetune", "leo-finetune-only"])
 def test_registry_trains_the_zero_step_variants(tmp_path, name):
     train, val, base = _tiny_leo_problem()
