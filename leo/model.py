@@ -296,7 +296,7 @@ def adapt(
             std = gaussian_std(raw, 0.0)
             eps = _normal(noise, "z_eps", None, (n, k, zdim), x_support)
             z = mu + std * eps
-            kl = kl_at_sample(z, std, eps)
+            kl = kl_at_sample(z, std, eps) if training else zero
         else:
             z, kl = mu, zero
     z_init = z
