@@ -1,0 +1,59 @@
+"""Batched, seeded data augmentation for supervised pre-training (on the batch's device).
+
+- ``crop_flip`` (natural images): pad by ``pad`` with zeros, take a random ``H x W`` crop,
+  flip horizontally with probability 1/2 (the standard CIFAR/miniImageNet recipe).
+- ``shift`` (Omniglot): pad by ``pad`` replicating the border (the background), random
+  ``H x W`` crop = a random shift of up to ``pad`` pixels; no flip (characters have a
+  handedness).
+- ``none``: identity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+AUGMENTATIONS = ("crop_flip", "shift", "none")
+
+
+def random_crop(x: torch.Tensor, pad: int, mode: str, generator: torch.Generator) -> torch.Tensor:
+    """Pad and take one random crop of the original size per image.
+
+    Args:
+        x: images ``(B, C, H, W)``.
+        pad: padding on each side; offsets are uniform in ``[0, 2 * pad]``.
+        mode: ``"constant"`` (zeros) or ``"replicate"``.
+        generator: CPU generator for the offsets.
+
+    Returns:
+        ``(B, C, H, W)``.
+    """
+    if pad <= 0:
+        return x
+    b, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode=mode)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
+    rows = dy[:, None] + torch.arange(h, device=x.device)  # (B, H)
+    cols = dx[:, None] + torch.arange(w, device=x.device)  # (B, W)
+    bidx = torch.arange(b, device=x.device)[:, None, None]
+    # Advanced indices on dims 0, 2, 3 around a slice: the result is (B, H, W, C).
+    out = padded[bidx, :, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2)  # a channels-last view
+
+
+def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Flip each image ``(B, C, H, W)`` left-right with probability 1/2."""
+    flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def augment(x: torch.Tensor, kind: str, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Apply augmentation ``kind`` (one of :data:`AUGMENTATIONS`) to images ``(B, C, H, W)``."""
+    if kind == "none":
+        return x
+    if kind == "shift":
+        return random_crop(x, pad, "replicate", generator)
+    if kind == "crop_flip":
+        return random_hflip(random_crop(x, pad, "constant", generator), generator)
+    raise ValueError(f"unknown augmentation {kind!r}; expected one of {AUGMENTATIONS}")
