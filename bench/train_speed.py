@@ -6,7 +6,7 @@ mini-1shot and mini-5shot presets (batch 12, 5-way, 15 queries, 640-d), the rati
 first-call compile time, and seconds for a 10,000-episode 1-shot evaluation with 599
 queries per class (20 classes x 600 rows, the miniImageNet test split's shape).
 
-    python bench/train_speed.py [--device cuda] [--steps 100]
+    python bench/train_speed.py [--device cuda] [--steps 100] [--threads 1]
 
 Step timings include everything the training loop does per step: episode sampling, noise
 drawing, forward, backward and update.
@@ -100,7 +100,15 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=100, help="timed steps per measurement")
     ap.add_argument("--eager", action="store_true", help="time the eager path, not compiled")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU intra-op threads (default 1: on a 2-core machine OpenMP threads that wait "
+        "for each other make these small kernels several times slower under any other load)",
+    )
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     train = synthetic_split(64, 600, 640, noise=0.05, seed=0).to(device)
     test = synthetic_split(20, 600, 640, noise=0.05, seed=1, split="test").to(device)
