@@ -206,28 +206,57 @@ def _decode_sample(params, z, eps, offset, stochastic):
     return mu + gaussian_std(raw, offset) * eps, raw
 
 
+def _decode_wbar_linear(params, z, eps, offset, stochastic):
+    """Linear decoder, fast: w_bar = mean_k(z) @ W_mu + mean_k(std * eps); (N, D).
+
+    The mean half is linear, so it is decoded once per class (N rows, not N*K); only the
+    scale half, which goes through exp, needs every k.
+    """
+    d = params["decoder.0"].shape[1] // 2
+    w_mu, w_raw = params["decoder.0"][:, :d], params["decoder.0"][:, d:]
+    w_bar = z.mean(dim=1) @ w_mu
+    if not stochastic:
+        return w_bar, None
+    raw = z @ w_raw  # (N, K, D)
+    return w_bar + (gaussian_std(raw, offset) * eps).mean(dim=1), raw
+
+
+def _scale_grad(g_w, raw, eps, offset):
+    """d/d(raw) of w = mu + std(raw) * eps, given dL/dw; the clamp passes no gradient."""
+    e = torch.exp(raw)
+    return g_w * eps * e * (e - (1.0 - offset) >= 1e-10).to(e.dtype)
+
+
 def _latent_grad_fast(params, z, x, eps, offset, stochastic):
-    """d(support_loss)/dz in closed form, through the (linear or ReLU) decoder."""
+    """d(support_loss)/dz in closed form, through the (linear or ReLU) decoder.
+
+    dL/dw[n, k] = dL/dw_bar[n] / K for every k, so for a linear decoder the mean half's
+    contribution ``(dL/dw_bar / K) @ W_mu^T`` is computed once per class.
+    """
     k = z.shape[1]
     names = weight_names(params, "decoder")
+    if len(names) == 1:
+        d = params["decoder.0"].shape[1] // 2
+        w_bar, raw = _decode_wbar_linear(params, z, eps, offset, stochastic)
+        g_bar = support_grad_wbar(x, w_bar) / k  # (N, D)
+        g = (g_bar @ params["decoder.0"][:, :d].T)[:, None, :]
+        if stochastic:
+            g_raw = _scale_grad(g_bar[:, None, :], raw, eps, offset)
+            g = g + g_raw @ params["decoder.0"][:, d:].T
+        return g.expand_as(z), w_bar
     hidden = [z]
     for name in names[:-1]:
         hidden.append(F.relu(hidden[-1] @ params[name]))
-    out = hidden[-1] @ params[names[-1]]
-    mu, raw = out.chunk(2, dim=-1)
+    mu, raw = (hidden[-1] @ params[names[-1]]).chunk(2, dim=-1)
     w = mu if not stochastic else mu + gaussian_std(raw, offset) * eps
     g_w = (support_grad_wbar(x, w.mean(dim=1)) / k)[:, None, :].expand_as(w)  # (N, K, D)
-    if stochastic:
-        e = torch.exp(raw)
-        g_raw = g_w * eps * e * (e - (1.0 - offset) >= 1e-10).to(e.dtype)
-    else:
-        g_raw = torch.zeros_like(g_w)
+    g_raw = _scale_grad(g_w, raw, eps, offset) if stochastic else torch.zeros_like(g_w)
     g = torch.cat([g_w, g_raw], dim=-1)
     for i in range(len(names) - 1, -1, -1):
         g = g @ params[names[i]].T
         if i > 0:
             g = g * (hidden[i] > 0).to(g.dtype)
-    return g, w
+    return g, w.mean(dim=1)
 
 
 def _literal_loss_of_z(z, params, x, eps, offset, stochastic):
@@ -319,7 +348,11 @@ def adapt(
         if cfg.first_order:
             g = g.detach()
         z = z - params["inner_lr"] * g
-    w, _ = _decode_sample(params, z, w_eps(steps), offset, stochastic)
+    if literal or len(weight_names(params, "decoder")) > 1:
+        w, _ = _decode_sample(params, z, w_eps(steps), offset, stochastic)
+    else:
+        w = None  # the fast form needs only w_bar
+        w_bar, _ = _decode_wbar_linear(params, z, w_eps(steps), offset, stochastic)
 
     # 7: encoder penalty, mean squared difference to stop_gradient(adapted z).
     penalty = (z.detach() - z_init).square().mean() if training and not cfg.random_prior else zero
@@ -332,7 +365,8 @@ def adapt(
             w = w - ft_lr * (g.detach() if cfg.first_order else g)
         w_bar = w.mean(dim=1)
     else:
-        w_bar = w.mean(dim=1)  # every k gets the same update, so adapt the mean directly
+        if w is not None:
+            w_bar = w.mean(dim=1)  # every k gets the same update, so adapt the mean directly
         for f in range(ft_steps):
             g = support_grad_wbar(_dropout(x_support, mask(steps + f)), w_bar) / k
             w_bar = w_bar - ft_lr * (g.detach() if cfg.first_order else g)
