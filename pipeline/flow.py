@@ -1,0 +1,286 @@
+"""The Prefect flow ``leo``: the DVC stages of ``dvc.yaml`` as tasks, in DAG order.
+
+DVC stays the source of truth: each task runs ``dvc repro --single-item <stage>`` in the
+repository, so a stage whose deps and params did not change is skipped exactly as a plain
+``dvc repro`` would skip it, and ``dvc.lock`` records what ran. The stages are those the
+``report`` stage needs (``dvc dag --dot report``), topologically sorted: with the default
+params ``download, prepare, pretrain, embed, metatrain@1shot, metatrain@5shot,
+evaluate@1shot, evaluate@5shot, report``; with published embeddings ``import_published@<name>``
+replaces the first four. Tasks run one at a time (DVC holds a repository lock) and a file
+lock in ``.dvc/tmp`` makes concurrent flow runs on one checkout wait for each other.
+
+Flow parameters reach the stages as DVC parameters: before any stage runs, the flow writes
+them into ``params.yaml`` (:mod:`pipeline.params_file`: in-place edits of the values, written
+atomically, only when a value changes), so the workspace afterwards holds exactly the params
+its ``dvc.lock`` and metrics were made with, ready to ``git commit`` and to compare with
+``dvc metrics diff``.
+
+Run it once in-process with ``python -m pipeline.flow``; serve it as deployment
+``leo/full`` with ``python -m pipeline.serve``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import graphlib
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from pipeline.params_file import write_params
+
+REPO = Path(__file__).resolve().parents[1]
+FINAL_STAGE = "report"
+PRESET_FAMILIES = ("default", "mini", "tiered")
+
+
+def _bin(name: str) -> str:
+    """``name`` beside this interpreter (the project's venv) if there, else from PATH."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def stage_env(data_dir: str | None = None) -> dict[str, str]:
+    """The environment of the DVC subprocesses: this venv first on PATH (stages run
+    ``python -m stages.<name>``), unbuffered output, and ``LEO_DATA_DIR`` when given."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    if data_dir:
+        env["LEO_DATA_DIR"] = str(Path(data_dir).resolve())
+    return env
+
+
+# -- params.yaml ------------------------------------------------------------------------------
+
+
+def param_updates(
+    params: dict[str, Any],
+    *,
+    dataset: str | None = None,
+    preset: str | None = None,
+    embeddings: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The dotted ``params.yaml`` keys the flow parameters ask for.
+
+    Args:
+        params: the current ``params.yaml`` content.
+        dataset: ``base.dataset``.
+        preset: ``default``, ``mini`` or ``tiered`` (each run gets ``<family>-<K>shot``,
+            K its ``num_shots``), or one preset name of ``leo.config.PRESETS`` for every run.
+        embeddings: ``pipeline`` (from raw images) or the name of a ``published.imports``
+            entry; sets ``embeddings.dir`` and ``embeddings.metrics``.
+        extra: more ``{"dotted.key": value}`` pairs, as ``dvc exp run --set-param``.
+
+    Raises:
+        ValueError: an unknown preset or published entry.
+    """
+    from leo.config import PRESETS
+
+    updates: dict[str, Any] = {}
+    if dataset is not None:
+        updates["base.dataset"] = dataset
+    if preset is not None:
+        runs = params.get("metatrain", {}).get("runs", {})
+        for run, spec in runs.items():
+            shots = spec.get("num_shots", 1)
+            if preset in PRESETS:
+                name = preset
+            elif f"{preset}-{shots}shot" in PRESETS:
+                name = f"{preset}-{shots}shot"
+            else:
+                raise ValueError(
+                    f"unknown preset {preset!r} for run {run!r} ({shots}-shot): use one of "
+                    f"{', '.join(PRESET_FAMILIES)} or {', '.join(PRESETS)}"
+                )
+            updates[f"metatrain.runs.{run}.preset"] = name
+    if embeddings is not None:
+        if embeddings == "pipeline":
+            updates["embeddings.dir"] = "data/embeddings"
+            updates["embeddings.metrics"] = "reports/pretrain/metrics.json"
+        elif embeddings in (params.get("published", {}).get("imports") or {}):
+            updates["embeddings.dir"] = f"data/published/{embeddings}"
+            updates["embeddings.metrics"] = f"reports/published/{embeddings}/metrics.json"
+        else:
+            raise ValueError(
+                f"embeddings must be 'pipeline' or an entry of published.imports, "
+                f"got {embeddings!r}"
+            )
+    updates.update(extra or {})
+    return updates
+
+
+# -- DVC --------------------------------------------------------------------------------------
+
+
+def pipeline_stages(repo: Path, target: str = FINAL_STAGE, env: dict | None = None) -> list[str]:
+    """The stages ``target`` needs (itself included), in a topological order (ties in the
+    order ``dvc dag`` lists them, which follows ``dvc.yaml``)."""
+    out = subprocess.run(
+        [_bin("dvc"), "dag", "--dot", target],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"dvc dag --dot {target} failed: {out.stderr.strip()}")
+    nodes = re.findall(r'^"([^"]+)";$', out.stdout, flags=re.M)
+    edges = re.findall(r'^"([^"]+)" -> "([^"]+)";$', out.stdout, flags=re.M)
+    order = {n: i for i, n in enumerate(nodes)}
+    sorter = graphlib.TopologicalSorter({n: set() for n in nodes})
+    for upstream, downstream in edges:
+        sorter.add(downstream, upstream)
+    sorter.prepare()
+    stages: list[str] = []
+    while sorter.is_active():
+        ready = sorted(sorter.get_ready(), key=lambda n: order.get(n, len(order)))
+        stages += ready
+        sorter.done(*ready)
+    return stages
+
+
+@contextlib.contextmanager
+def repo_lock(repo: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<repo>/.dvc/tmp/leo-flow.lock`` (waits for other flows)."""
+    path = repo / ".dvc" / "tmp" / "leo-flow.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@task(name="dvc-stage", task_run_name="dvc repro {stage}")
+def run_stage(stage: str, repo: str, env: dict[str, str], force: bool = False) -> str:
+    """Run one DVC stage (``dvc repro --single-item``), streaming its output to the logger.
+
+    Returns:
+        ``"skipped"`` when DVC found the stage unchanged, else ``"ran"``.
+
+    Raises:
+        RuntimeError: DVC or the stage failed (the task fails, and with it the flow).
+    """
+    logger = get_run_logger()
+    cmd = [_bin("dvc"), "repro", "--single-item", *(["--force"] if force else []), stage]
+    logger.info("$ dvc %s", " ".join(cmd[1:]))
+    skipped = False
+    tail: list[str] = []
+    with subprocess.Popen(
+        cmd,
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    ) as proc:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip("\n").split("\r")[-1].rstrip()
+            if not line:
+                continue
+            skipped |= "didn't change, skipping" in line
+            tail = (tail + [line])[-5:]
+            logger.info(line)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"dvc repro {stage} failed (exit {proc.returncode}): " + " | ".join(tail[-3:])
+        )
+    return "skipped" if skipped else "ran"
+
+
+@task(name="set-params")
+def set_params(repo: str, updates: dict[str, Any]) -> dict[str, list[Any]]:
+    """Write the flow's parameters into ``params.yaml``; returns what changed."""
+    logger = get_run_logger()
+    changed = write_params(Path(repo) / "params.yaml", updates)
+    for key, (old, new) in changed.items():
+        logger.info("params.yaml: %s: %r -> %r", key, old, new)
+    if not changed:
+        logger.info("params.yaml: unchanged")
+    return {k: list(v) for k, v in changed.items()}
+
+
+@task(name="publish-metrics")
+def publish_metrics(repo: str) -> dict[str, Any]:
+    """Read ``reports/metrics.json`` and publish it as a table and a Markdown artifact."""
+    from leo.report import summary_markdown, summary_rows
+
+    report = json.loads((Path(repo) / "reports" / "metrics.json").read_text())
+    rows = summary_rows(report)
+    create_table_artifact(
+        key="leo-metrics", table=rows, description="LEO meta-test accuracy per run"
+    )
+    create_markdown_artifact(
+        key="leo-report", markdown=summary_markdown(report), description="LEO pipeline metrics"
+    )
+    get_run_logger().info("metrics: %s", json.dumps(report))
+    return report
+
+
+@flow(name="leo", log_prints=True)
+def leo_flow(
+    dataset: str | None = None,
+    preset: str | None = None,
+    embeddings: str | None = None,
+    params: dict[str, Any] | None = None,
+    data_dir: str | None = None,
+    force: bool = False,
+    repo: str | None = None,
+) -> dict[str, Any]:
+    """Reproduce the LEO pipeline up to ``reports/metrics.json`` with DVC, one stage per task.
+
+    Args:
+        dataset: ``base.dataset`` (omniglot, miniImageNet, tieredImageNet); None keeps it.
+        preset: LEO hyperparameters for every run: ``default``, ``mini``, ``tiered`` (the
+            published ones for each run's shots) or a full preset name; None keeps them.
+        embeddings: ``pipeline`` or a ``published.imports`` entry; None keeps the setting.
+        params: more ``params.yaml`` values by dotted key, e.g.
+            ``{"metatrain.common.num_steps": 500}``.
+        data_dir: where ``download`` finds ``<dataset>/<file>`` (``LEO_DATA_DIR``).
+        force: rerun every stage even if DVC finds it unchanged.
+        repo: the DVC project (default: the checkout holding this file).
+
+    Returns:
+        The report's metrics (``reports/metrics.json``).
+    """
+    import yaml
+
+    root = Path(repo).resolve() if repo else REPO
+    logger = get_run_logger()
+    env = stage_env(data_dir)
+    with repo_lock(root):
+        current = yaml.safe_load((root / "params.yaml").read_text())
+        updates = param_updates(
+            current, dataset=dataset, preset=preset, embeddings=embeddings, extra=params
+        )
+        if updates:
+            set_params(str(root), updates)
+        stages = pipeline_stages(root, env=env)
+        logger.info("stages: %s", ", ".join(stages))
+        status = {}
+        for stage in stages:
+            retries = 2 if stage == "download" else 0
+            status[stage] = run_stage.with_options(retries=retries, retry_delay_seconds=10)(
+                stage, str(root), env, force
+            )
+        logger.info("ran: %s", ", ".join(s for s, v in status.items() if v == "ran") or "none")
+        return publish_metrics(str(root))
+
+
+if __name__ == "__main__":
+    leo_flow()

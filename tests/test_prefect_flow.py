@@ -1,0 +1,249 @@
+"""The Prefect flow for real: a local Prefect server (SQLite), the served deployment
+``leo/full``, ``prefect deployment run`` over a tiny copy of the project; and the flow's
+params editing and DAG ordering on their own."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import httpx
+import pytest
+import yaml
+from pipeline_helpers import BIN, OMNIGLOT, REPO, dvc, make_project
+
+from pipeline.flow import param_updates, pipeline_stages
+from pipeline.params_file import write_params
+
+ALL_STAGES = [
+    "download",
+    "prepare",
+    "pretrain",
+    "embed",
+    "metatrain@1shot",
+    "metatrain@5shot",
+    "evaluate@1shot",
+    "evaluate@5shot",
+    "report",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    """Poll ``check()`` until it returns a truthy value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: process exited with {proc.returncode}")
+        try:
+            value = check()
+        except httpx.HTTPError:
+            value = None
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGINT the process group, then SIGKILL it if it lingers."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A Prefect server and ``python -m pipeline.serve`` in a tiny project; yields a dict."""
+    if not OMNIGLOT.is_file():
+        pytest.skip("real Omniglot data not available")
+    root = tmp_path_factory.mktemp("prefect")
+    project, env = make_project(root)
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {
+        **env,
+        "PREFECT_HOME": str(root / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+    }
+    logs = {name: (root / f"{name}.log").open("w") for name in ("server", "serve")}
+    server = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=root,
+        env={k: v for k, v in env.items() if k != "PREFECT_API_URL"},
+        stdout=logs["server"],
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    procs = [server]
+    try:
+        wait_for(
+            lambda: httpx.get(f"{api}/health", timeout=5).status_code == 200,
+            180,
+            "the Prefect server",
+            server,
+        )
+        serve = subprocess.Popen(
+            [str(BIN / "python"), "-m", "pipeline.serve"],
+            cwd=project,
+            env=env,
+            stdout=logs["serve"],
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        procs.append(serve)
+        wait_for(
+            lambda: httpx.get(f"{api}/deployments/name/leo/full", timeout=5).status_code == 200,
+            180,
+            "the deployment leo/full",
+            serve,
+        )
+        yield {"project": project, "env": env, "api": api, "root": root}
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+        for f in logs.values():
+            f.close()
+
+
+def deployment_run(served, *params: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """``prefect deployment run leo/full --watch``; returns (process, the flow run)."""
+    done = subprocess.run(
+        [str(BIN / "prefect"), "deployment", "run", "leo/full", *params, "--watch"],
+        cwd=served["root"],
+        env=served["env"],
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    uuid = next(
+        line.split("UUID:")[1].strip() for line in done.stdout.splitlines() if "UUID:" in line
+    )
+    flow_run = httpx.get(f"{served['api']}/flow_runs/{uuid}", timeout=10).json()
+    return done, flow_run
+
+
+def task_run_names(served, flow_run_id: str) -> list[str]:
+    body = {"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"}
+    runs = httpx.post(f"{served['api']}/task_runs/filter", json=body, timeout=10).json()
+    return [r["name"] for r in runs]
+
+
+def test_deployment_run_completes_the_whole_dag_with_metrics(served):
+    done, flow_run = deployment_run(served)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert flow_run["state"]["type"] == "COMPLETED"
+    names = task_run_names(served, flow_run["id"])
+    stages = [n.removeprefix("dvc repro ") for n in names if n.startswith("dvc repro ")]
+    assert stages == ALL_STAGES
+    assert names[-1].startswith("publish-metrics")
+    project = served["project"]
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert metrics["1shot"]["test_episodes"] == 20 and metrics["5shot"]["num_shots"] == 5
+    status = json.loads(dvc("status", "--json", cwd=project, env=served["env"]).stdout)
+    assert status == {}  # DVC recorded every stage the flow ran
+    body = {"artifacts": {"key": {"any_": ["leo-metrics", "leo-report"]}}}
+    arts = httpx.post(f"{served['api']}/artifacts/filter", json=body, timeout=10).json()
+    assert {a["key"] for a in arts} == {"leo-metrics", "leo-report"}
+    table = next(a for a in arts if a["key"] == "leo-metrics")
+    rows = json.loads(table["data"]) if isinstance(table["data"], str) else table["data"]
+    assert [r["run"] for r in rows] == ["1shot", "5shot"]
+
+
+def test_failing_stage_fails_the_flow_run(served):
+    done, flow_run = deployment_run(served, "--params", '{"params": {"evaluate.num_episodes": 0}}')
+    assert done.returncode == 1
+    assert flow_run["state"]["type"] == "FAILED"
+    params = yaml.safe_load((served["project"] / "params.yaml").read_text())
+    assert params["evaluate"]["num_episodes"] == 0  # the flow wrote its parameter first
+    names = task_run_names(served, flow_run["id"])
+    assert "publish-metrics" not in " ".join(names)  # nothing after the failed stage ran
+    assert not any(n.endswith("report") for n in names)
+
+
+# -- without a server -------------------------------------------------------------------------
+
+
+def test_param_updates_map_flow_parameters_to_dotted_keys():
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["published"]["imports"] = {"mini": {}}
+    updates = param_updates(
+        params, dataset="miniImageNet", preset="mini", embeddings="mini", extra={"report.dpi": 80}
+    )
+    assert updates == {
+        "base.dataset": "miniImageNet",
+        "metatrain.runs.1shot.preset": "mini-1shot",
+        "metatrain.runs.5shot.preset": "mini-5shot",
+        "embeddings.dir": "data/published/mini",
+        "embeddings.metrics": "reports/published/mini/metrics.json",
+        "report.dpi": 80,
+    }
+    assert param_updates(params, preset="tiered-5shot")["metatrain.runs.1shot.preset"] == (
+        "tiered-5shot"
+    )
+    assert param_updates(params) == {}
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        param_updates(params, preset="huge")
+    with pytest.raises(ValueError, match="embeddings must be 'pipeline'"):
+        param_updates(params, embeddings="tiered")
+
+
+def test_write_params_edits_values_in_place(tmp_path):
+    path = tmp_path / "params.yaml"
+    text = (REPO / "params.yaml").read_text()
+    path.write_text(text)
+    updates = {
+        "base.dataset": "omniglot",  # already so: not a change
+        "metatrain.common.num_steps": 7,
+        "metatrain.runs.5shot.preset": "mini-5shot",  # inside a flow mapping
+        "embeddings.dir": "data/published/a,b",  # needs quotes
+    }
+    changed = write_params(path, updates)
+    assert list(changed) == list(updates)[1:]
+    new = path.read_text()
+    params = yaml.safe_load(new)
+    assert params["metatrain"]["common"]["num_steps"] == 7
+    assert params["metatrain"]["runs"]["5shot"] == {"preset": "mini-5shot", "num_shots": 5}
+    assert params["embeddings"]["dir"] == "data/published/a,b"
+    diff = [(a, b) for a, b in zip(text.splitlines(), new.splitlines(), strict=True) if a != b]
+    assert len(diff) == 3  # three lines changed, comments kept
+    assert all(a.split("#")[1:] == b.split("#")[1:] for a, b in diff)
+    before = path.stat().st_mtime_ns
+    assert write_params(path, {"metatrain.common.num_steps": 7}) == {}
+    assert path.stat().st_mtime_ns == before  # nothing to change, nothing written
+    with pytest.raises(KeyError, match="no section 'metatrain.nope'"):
+        write_params(path, {"metatrain.nope.x": 1})
+    assert write_params(path, {"metatrain.runs.1shot.outer_lr": 1.0e-4})  # a new key
+    assert yaml.safe_load(path.read_text())["metatrain"]["runs"]["1shot"]["outer_lr"] == 1.0e-4
+    assert "# outer steps" in path.read_text()  # the round trip keeps comments
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_pipeline_stages_follow_the_dag():
+    assert pipeline_stages(REPO) == ALL_STAGES
+    assert pipeline_stages(REPO, "evaluate@5shot") == [
+        "download",
+        "prepare",
+        "pretrain",
+        "embed",
+        "metatrain@5shot",
+        "evaluate@5shot",
+    ]
+    with pytest.raises(RuntimeError, match="dvc dag --dot nope failed"):
+        pipeline_stages(REPO, "nope")
