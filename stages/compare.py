@@ -8,7 +8,8 @@ test episodes' ``seed`` and ``batch_size`` (``evaluate``). Keys of ``compare``:
 - ``methods``: names of :data:`leo.methods.METHODS` (must include ``leo``);
 - ``train_steps``, ``validate_every``: outer steps and validation interval of the trained
   ablations and MAML (null: the run's own, as plain LEO was trained);
-- ``maml``: MAMLConfig overrides (e.g. ``inner_lr``);
+- ``maml``: MAMLConfig overrides for every run (e.g. ``inner_lr``), and ``maml_runs.RUN``:
+  overrides for one run on top (MAML's fixed inner step size depends on the shots);
 - ``num_episodes``: test episodes of every method (null: ``evaluate.num_episodes``);
 - ``ensemble_episodes``: episodes of the latent-ensemble table (0: none);
 - ``noise_seed``: the ensembles' sample noise;
@@ -41,6 +42,7 @@ KEYS = {
     "train_steps",
     "validate_every",
     "maml",
+    "maml_runs",
     "num_episodes",
     "ensemble_episodes",
     "noise_seed",
@@ -59,20 +61,24 @@ def _count(params: dict[str, Any], key: str, minimum: int, nullable: bool = Fals
     return value
 
 
-def settings(params: dict[str, Any], evaluate: dict[str, Any]) -> CompareSettings:
-    """``load_params("compare")`` and ``load_params("evaluate")`` -> :class:`CompareSettings`."""
+def settings(params: dict[str, Any], evaluate: dict[str, Any], run: str) -> CompareSettings:
+    """``load_params("compare")``, ``load_params("evaluate")`` and the run's name ->
+    :class:`CompareSettings`."""
     unknown = sorted(set(params) - KEYS)
     if unknown:
         raise LeoInputError(f"{PARAMS_FILE}: unknown key 'compare.{unknown[0]}'")
     methods = require(params, "methods", list, "compare")
-    maml = require(params, "maml", dict, "compare")
+    maml = dict(require(params, "maml", dict, "compare"))
+    per_run = require(params, "maml_runs", dict, "compare")
+    if run in per_run:
+        maml.update(require(per_run, run, dict, "compare.maml_runs"))
     episodes = _count(params, "num_episodes", 1, nullable=True)
     if episodes is None:
         episodes = require(evaluate, "num_episodes", int, "evaluate")
     values = {
         "train_steps": _count(params, "train_steps", 1, nullable=True),
         "validate_every": _count(params, "validate_every", 1, nullable=True),
-        "maml": dict(maml),
+        "maml": maml,
         "num_episodes": episodes,
         "batch_size": require(evaluate, "batch_size", int, "evaluate"),
         "seed": require(evaluate, "seed", int, "evaluate"),
@@ -95,7 +101,7 @@ def run(
     embeddings: Path,
 ) -> dict[str, Any]:
     """Compare every method of ``run_name``; write the outs; return table.json."""
-    opts = settings(params, evaluate)
+    opts = settings(params, evaluate, run_name)
     device = resolve_device(require(params, "device", str, "compare"), "compare.device")
     base, _, _ = run_config(metatrain, run_name)
     splits = [read_embeddings(embeddings / f"{s}.parquet") for s in ("train", "val", "test")]

@@ -183,3 +183,18 @@ def test_bad_params_key_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "compare.not_a_key" in lines[0], proc.stderr
+
+
+def test_settings_merge_the_run_s_maml_overrides():
+    from stages.compare import settings
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    compare_params = {"base": params["base"], **params["compare"]}
+    compare_params["maml"] = {"inner_steps": 3, "inner_lr": 0.5}
+    compare_params["maml_runs"] = {"5shot": {"inner_lr": 0.1}}
+    evaluate = {"num_episodes": 50, "batch_size": 10, "seed": 4}
+    five = settings(compare_params, evaluate, "5shot")
+    assert five.maml == {"inner_steps": 3, "inner_lr": 0.1}
+    one = settings(compare_params, evaluate, "1shot")
+    assert one.maml == {"inner_steps": 3, "inner_lr": 0.5}
+    assert (one.num_episodes, one.batch_size, one.seed) == (50, 10, 4)  # null: evaluate's
