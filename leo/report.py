@@ -10,7 +10,7 @@ meta-training run ``reports/metatrain/<run>/{metrics.json,history.csv}`` and
     {"backbone": {"heldout_accuracy", "wall_seconds"}   # or "published": {...}
      "<run>": {"num_shots", "best_val_accuracy", "best_step", "steps", "test_accuracy",
                "test_ci95", "test_episodes", "metatrain_seconds", "evaluate_seconds"},
-     "wall_seconds": sum of the stages' wall times}
+     "wall_seconds": the timed stages' wall times summed (source, meta-training, evaluation)}
 
 Plots are drawn headless (matplotlib's Agg backend), one PNG per quantity, a line per run.
 """
@@ -173,7 +173,9 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
             f"Published embeddings: {p.get('dataset', '?')} / {p.get('view', '?')} "
             f"({p.get('feature_dim', '?')}-d)."
         )
-    lines += ["", f"Total stage wall time: {report.get('wall_seconds', float('nan')):.0f} s.", ""]
+    total = report.get("wall_seconds", float("nan"))
+    lines += ["", f"Wall time of the timed stages (source, meta-train, evaluate): {total:.0f} s."]
+    lines.append("")
     if rows:
         header = list(rows[0])
         lines.append("| " + " | ".join(header) + " |")

@@ -2,11 +2,12 @@
 
 DVC stays the source of truth: each task runs ``dvc repro --single-item <stage>`` in the
 repository, so a stage whose deps and params did not change is skipped exactly as a plain
-``dvc repro`` would skip it, and ``dvc.lock`` records what ran. The stages are those the
-``report`` stage needs (``dvc dag --dot report``), topologically sorted: with the default
-params ``download, prepare, pretrain, embed, metatrain@1shot, metatrain@5shot,
-evaluate@1shot, evaluate@5shot, report``; with published embeddings ``import_published@<name>``
-replaces the first four. Tasks run one at a time (DVC holds a repository lock) and a file
+``dvc repro`` would skip it, and ``dvc.lock`` records what ran. The stages are those
+``dvc repro`` runs (``dvc dag --dot``; with ``targets``, those targets and their upstream),
+topologically sorted: with the default params ``download, prepare, pretrain, embed``, then
+``metatrain``, ``evaluate`` (and any other per-run stages) for each run, then ``report``.
+With published embeddings, ``targets=["report"]`` runs ``import_published@<name>`` instead
+of the first four. Tasks run one at a time (DVC holds a repository lock) and a file
 lock in ``.dvc/tmp`` makes concurrent flow runs on one checkout wait for each other.
 
 Flow parameters reach the stages as DVC parameters: before any stage runs, the flow writes
@@ -39,7 +40,6 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pipeline.params_file import write_params
 
 REPO = Path(__file__).resolve().parents[1]
-FINAL_STAGE = "report"
 PRESET_FAMILIES = ("default", "mini", "tiered")
 
 
@@ -123,21 +123,29 @@ def param_updates(
 # -- DVC --------------------------------------------------------------------------------------
 
 
-def pipeline_stages(repo: Path, target: str = FINAL_STAGE, env: dict | None = None) -> list[str]:
-    """The stages ``target`` needs (itself included), in a topological order (ties in the
-    order ``dvc dag`` lists them, which follows ``dvc.yaml``)."""
-    out = subprocess.run(
-        [_bin("dvc"), "dag", "--dot", target],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+def _dag(repo: Path, target: str | None, env: dict | None) -> tuple[list[str], list[tuple]]:
+    """Nodes and edges (upstream, downstream) of ``dvc dag --dot [target]``."""
+    cmd = [_bin("dvc"), "dag", "--dot", *([target] if target else [])]
+    out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        raise RuntimeError(f"dvc dag --dot {target} failed: {out.stderr.strip()}")
+        raise RuntimeError(f"{' '.join(['dvc', *cmd[1:]])} failed: {out.stderr.strip()}")
     nodes = re.findall(r'^"([^"]+)";$', out.stdout, flags=re.M)
     edges = re.findall(r'^"([^"]+)" -> "([^"]+)";$', out.stdout, flags=re.M)
+    return nodes, edges
+
+
+def pipeline_stages(
+    repo: Path, targets: list[str] | None = None, env: dict | None = None
+) -> list[str]:
+    """The stages ``dvc repro [targets]`` would consider: every stage of ``dvc.yaml`` (no
+    targets) or the targets and everything upstream of them, in a topological order (ties in
+    the order ``dvc dag`` lists them, which follows ``dvc.yaml``)."""
+    nodes: list[str] = []
+    edges: set[tuple[str, str]] = set()
+    for target in targets or [None]:
+        more_nodes, more_edges = _dag(repo, target, env)
+        nodes += [n for n in more_nodes if n not in nodes]
+        edges.update(more_edges)
     order = {n: i for i, n in enumerate(nodes)}
     sorter = graphlib.TopologicalSorter({n: set() for n in nodes})
     for upstream, downstream in edges:
@@ -145,7 +153,7 @@ def pipeline_stages(repo: Path, target: str = FINAL_STAGE, env: dict | None = No
     sorter.prepare()
     stages: list[str] = []
     while sorter.is_active():
-        ready = sorted(sorter.get_ready(), key=lambda n: order.get(n, len(order)))
+        ready = sorted(sorter.get_ready(), key=lambda n: order[n])
         stages += ready
         sorter.done(*ready)
     return stages
@@ -239,6 +247,7 @@ def leo_flow(
     embeddings: str | None = None,
     params: dict[str, Any] | None = None,
     data_dir: str | None = None,
+    targets: list[str] | None = None,
     force: bool = False,
     repo: str | None = None,
 ) -> dict[str, Any]:
@@ -252,6 +261,8 @@ def leo_flow(
         params: more ``params.yaml`` values by dotted key, e.g.
             ``{"metatrain.common.num_steps": 500}``.
         data_dir: where ``download`` finds ``<dataset>/<file>`` (``LEO_DATA_DIR``).
+        targets: stages to reproduce with everything upstream, as ``dvc repro TARGET...``
+            (e.g. ``["report"]``); None: every stage, as ``dvc repro``.
         force: rerun every stage even if DVC finds it unchanged.
         repo: the DVC project (default: the checkout holding this file).
 
@@ -270,7 +281,7 @@ def leo_flow(
         )
         if updates:
             set_params(str(root), updates)
-        stages = pipeline_stages(root, env=env)
+        stages = pipeline_stages(root, targets, env=env)
         logger.info("stages: %s", ", ".join(stages))
         status = {}
         for stage in stages:
@@ -279,6 +290,8 @@ def leo_flow(
                 stage, str(root), env, force
             )
         logger.info("ran: %s", ", ".join(s for s, v in status.items() if v == "ran") or "none")
+        if not (root / "reports" / "metrics.json").is_file():
+            raise RuntimeError("no reports/metrics.json: include the report stage in targets")
         return publish_metrics(str(root))
 
 

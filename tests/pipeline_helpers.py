@@ -1,4 +1,4 @@
-"""Shared fixtures of the pipeline tests: a tiny real DVC project in a temporary git repo.
+"""Shared helpers of the pipeline tests: a tiny real DVC project in a temporary git repo.
 
 :func:`make_project` copies the project's code, ``dvc.yaml``, ``params.yaml`` and DVC config
 into a new directory, turns ``params.yaml`` into tiny params (a 15-character real Omniglot
@@ -70,6 +70,15 @@ def tiny_params(params: dict, sha: str) -> dict:
     }
     params["evaluate"].update(device="cpu", num_episodes=20, batch_size=10)
     params["report"]["dpi"] = 40
+    if "compare" in params:  # the method comparison (stages/compare.py), when in the DAG
+        params["compare"].update(
+            device="cpu",
+            train_steps=2,
+            validate_every=None,
+            ensemble_episodes=10,
+            figure_episodes=10,
+            figure_iterations=10,
+        )
     return params
 
 
@@ -141,6 +150,11 @@ def set_param(project: Path, dotted: str, value) -> None:
         node = node[part]
     node[leaf] = value
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def stage_names(project: Path, env: dict) -> list[str]:
+    """Every stage of the project's ``dvc.yaml``, in file order."""
+    return dvc("stage", "list", "--name-only", cwd=project, env=env).stdout.split()
 
 
 def ran_stages(output: str) -> list[str]:

@@ -18,6 +18,7 @@ from pipeline_helpers import (
     make_project,
     ran_stages,
     set_param,
+    stage_names,
 )
 
 from leo.errors import LeoInputError
@@ -28,13 +29,14 @@ from stages import metatrain as metatrain_stage
 DATA_STAGES = ["download", "prepare", "pretrain", "embed"]
 LEO_STAGES = ["metatrain@1shot", "metatrain@5shot", "evaluate@1shot", "evaluate@5shot", "report"]
 needs_data = pytest.mark.skipif(not OMNIGLOT.is_file(), reason="real Omniglot data not available")
+slow = pytest.mark.slow  # the tests that share the `history` fixture: ~100 s of real DVC runs
 
 
 @pytest.fixture(scope="module")
 def history(tmp_path_factory) -> dict:
     """Every DVC step of the scenario, run once: repro, LEO change, backbone change, bad key."""
     project, env = make_project(tmp_path_factory.mktemp("dvc"))
-    h: dict = {"project": project}
+    h: dict = {"project": project, "stages": stage_names(project, env)}
     h["repro1"] = dvc("repro", cwd=project, env=env, timeout=600).stdout
     h["status1"] = json.loads(dvc("status", "--json", cwd=project, env=env).stdout)
     h["metrics1"] = json.loads((project / "reports/metrics.json").read_text())
@@ -66,10 +68,14 @@ def history(tmp_path_factory) -> dict:
 
 
 @needs_data
+@slow
 def test_repro_runs_every_stage_in_dag_order_and_writes_the_report(history):
     ran = ran_stages(history["repro1"])
-    assert sorted(ran) == sorted(DATA_STAGES + LEO_STAGES)
-    assert ran[:4] == DATA_STAGES and ran[-1] == "report"
+    assert sorted(ran) == sorted(history["stages"])
+    assert set(DATA_STAGES + LEO_STAGES) <= set(ran)
+    assert ran[:4] == DATA_STAGES
+    for run in ("1shot", "5shot"):
+        assert ran.index(f"metatrain@{run}") < ran.index(f"evaluate@{run}") < ran.index("report")
     assert history["status1"] == {}  # everything up to date afterwards
     m = history["metrics1"]
     assert set(m) == {"backbone", "1shot", "5shot", "wall_seconds"}
@@ -83,15 +89,18 @@ def test_repro_runs_every_stage_in_dag_order_and_writes_the_report(history):
 
 
 @needs_data
+@slow
 def test_leo_param_change_reruns_only_metatrain_onward(history):
-    assert set(history["status2"]) == {"metatrain@1shot", "metatrain@5shot"}
+    downstream = set(history["stages"]) - set(DATA_STAGES)  # every stage after embed
+    assert {"metatrain@1shot", "metatrain@5shot"} <= set(history["status2"]) <= downstream
     ran = ran_stages(history["repro2"])
-    assert sorted(ran) == sorted(LEO_STAGES) and ran[-1] == "report"
+    assert sorted(ran) == sorted(downstream) and set(LEO_STAGES) <= set(ran)
     for stage in DATA_STAGES:
         assert f"Stage '{stage}' didn't change, skipping" in history["repro2"]
 
 
 @needs_data
+@slow
 def test_metrics_diff_between_commits_shows_the_changed_metric(history):
     diff = history["diff"]["reports/metrics.json"]
     assert diff["1shot.steps"] == {"old": 4, "new": 6, "diff": 2}
@@ -101,15 +110,17 @@ def test_metrics_diff_between_commits_shows_the_changed_metric(history):
 
 
 @needs_data
+@slow
 def test_backbone_param_change_reruns_pretrain_onward(history):
     assert set(history["status3"]) == {"pretrain"}
     ran = ran_stages(history["repro3"])
-    assert sorted(ran) == sorted(["pretrain", "embed", *LEO_STAGES])
+    assert sorted(ran) == sorted(set(history["stages"]) - {"download", "prepare"})
     assert ran[:2] == ["pretrain", "embed"]
     assert ran_stages(history["repro4"]) == []  # and then nothing is left to do
 
 
 @needs_data
+@slow
 def test_malformed_param_key_fails_in_one_line_before_writing(history):
     bad = history["bad"]
     assert bad.returncode != 0
@@ -124,20 +135,15 @@ def test_malformed_param_key_fails_in_one_line_before_writing(history):
 
 def test_dvc_yaml_declares_the_dag_and_templated_sources():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert list(stages) == [
-        "download",
-        "prepare",
-        "pretrain",
-        "embed",
-        "import_published",
-        "metatrain",
-        "evaluate",
-        "report",
-    ]
+    names = list(stages)
+    mine = ["download", "prepare", "pretrain", "embed", "import_published", "metatrain"]
+    assert [n for n in names if n in mine + ["evaluate", "report"]] == [*mine, "evaluate", "report"]
     mt = stages["metatrain"]["do"]
     assert stages["metatrain"]["foreach"] == "${metatrain.runs}"
+    assert stages["import_published"]["foreach"] == "${published.imports}"
     assert "${embeddings.dir}/train.parquet" in mt["deps"]
     assert not any("test" in d for d in mt["deps"])  # meta-training never reads the test split
+    assert {"metatrain.common", "metatrain.runs.${key}"} <= set(mt["params"])
     assert stages["report"]["metrics"] == [{"reports/metrics.json": {"cache": False}}]
     listed = subprocess.run(
         [str(BIN / "dvc"), "stage", "list", "--name-only"],
@@ -146,7 +152,8 @@ def test_dvc_yaml_declares_the_dag_and_templated_sources():
         text=True,
         check=True,
     ).stdout.split()
-    assert listed == DATA_STAGES + LEO_STAGES[:2] + LEO_STAGES[2:]
+    assert set(DATA_STAGES + LEO_STAGES) <= set(listed)  # no published import by default
+    assert not any(n.startswith("import_published") for n in listed)
 
 
 # -- the LEO stages' params: one line naming the key -----------------------------------------
