@@ -370,16 +370,36 @@ def test_float64_input_is_stored_as_float32(tmp_path):
 
 _MEASURE = textwrap.dedent(
     """
-    import resource, sys, time
+    import resource, sys, threading, time
     import numpy, pyarrow, pyarrow.parquet, torch
     from leo.store import read_embeddings
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def anon_kib():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1])
+
+    peak = base = anon_kib()
+    done = threading.Event()
+
+    def sample():  # Arrow and torch release the GIL while they copy, so this keeps sampling
+        global peak
+        while not done.is_set():
+            peak = max(peak, anon_kib())
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     t0 = time.perf_counter()
     s = read_embeddings(sys.argv[1])
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    done.set()
+    sampler.join()
+    peak = max(peak, anon_kib())
+    held = anon_kib() - base
     norms = torch.linalg.vector_norm(s.embeddings[::997], dim=1)
-    print(peak - base, s.embeddings.shape[0], s.embeddings.shape[1], s.num_classes,
+    print(peak - base, held, s.embeddings.shape[0], s.embeddings.shape[1], s.num_classes,
           float(norms.min()), float(norms.max()), seconds)
     """
 )
@@ -390,8 +410,10 @@ def test_tiered_sized_split_loads_within_1_5x_of_the_array(tmp_path):
     """448,000 x 640 float32 (1.15 GB): peak RSS growth while loading <= 1.5 x the array.
 
     The file is generated in chunks (documented schema, the writer's encodings) so this
-    process never holds the array; a fresh interpreter measures ``ru_maxrss`` after its
-    imports and after ``read_embeddings``.
+    process never holds the array. A fresh interpreter samples its anonymous resident memory
+    (``RssAnon``, every 0.5 ms on a thread) through ``read_embeddings``: unlike ``ru_maxrss``
+    this leaves out file-backed pages (torch's shared libraries), which the kernel may drop or
+    bring back during the load under page-cache pressure.
     """
     n, dim, n_classes = 448_000, 640, 351
     path = tmp_path / "tiered_train.parquet"
@@ -436,11 +458,15 @@ def test_tiered_sized_split_loads_within_1_5x_of_the_array(tmp_path):
         ).stdout.split()
     finally:
         path.unlink()  # pytest keeps recent tmp dirs; do not leave 1 GB behind
-    grown_kib, rows, width, classes = map(int, out[:4])
-    norm_min, norm_max, seconds = map(float, out[4:])
+    peak_kib, held_kib, rows, width, classes = map(int, out[:5])
+    norm_min, norm_max, seconds = map(float, out[5:])
     array_bytes = n * dim * 4
-    ratio = grown_kib * 1024 / array_bytes
-    print(f"peak RSS growth {ratio:.3f} x array ({array_bytes / 1e9:.2f} GB), load {seconds:.1f} s")
+    ratio, held = peak_kib * 1024 / array_bytes, held_kib * 1024 / array_bytes
+    print(
+        f"peak anonymous memory growth {ratio:.3f} x array ({array_bytes / 1e9:.2f} GB), "
+        f"{held:.3f} x held after the load, load {seconds:.1f} s"
+    )
     assert (rows, width, classes) == (n, dim, n_classes)
     assert abs(norm_min - 1) < 1e-5 and abs(norm_max - 1) < 1e-5
-    assert 1.0 <= ratio <= 1.5
+    assert held >= 0.99  # the measurement sees the array itself
+    assert ratio <= 1.5
