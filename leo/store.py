@@ -28,9 +28,10 @@ Reading builds one contiguous ``(n, D)`` float32 tensor per split without per-ro
 the output array is allocated once and each row group's flat float buffer is copied into it,
 so the peak memory is the array plus Arrow's temporaries for one row group (about three times
 its size: compressed, decompressed and decoded buffers) plus the ids; measured at
-tieredImageNet size (448,000 x 640), 1.18 x the array (``tests/test_store.py``). With ``normalize=True`` each row is
-divided in place by its L2 norm, ``x / ||x||``; a row of zeros has no direction and is refused
-with an error naming its example id (no epsilon: a zero embedding is a broken input).
+tieredImageNet size (448,000 x 640), 1.18 x the array (``tests/test_store.py``). With
+``normalize=True`` each row is divided in place by its L2 norm, ``x / ||x||``; a row of zeros
+has no direction and is refused with an error naming its example id (no epsilon: a zero
+embedding is a broken input).
 """
 
 from __future__ import annotations

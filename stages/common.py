@@ -7,6 +7,7 @@ into the ``leo`` package, and on bad input prints ``error: <one line>`` to stder
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -85,3 +86,21 @@ def stage_main(fn: Callable[[], None]) -> Callable[[], None]:
             sys.exit(2)
 
     return wrapper
+
+
+def parse_run_args(stage: str, description: str | None, splits: str) -> argparse.Namespace:
+    """Flags of a per-run stage: ``RUN`` (a key of ``metatrain.runs``) and ``--embeddings``.
+
+    Args:
+        stage: the stage module's name, e.g. ``"evaluate"``.
+        description: the module's docstring, for ``--help``.
+        splits: the files it reads from the embeddings directory, e.g. ``"test.parquet"``.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=description)
+    parser.add_argument("run", help="a key of metatrain.runs in params.yaml")
+    parser.add_argument(
+        "--embeddings",
+        default="data/embeddings",
+        help=f"directory of {splits} (default: data/embeddings)",
+    )
+    return parser.parse_args()

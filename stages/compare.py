@@ -22,14 +22,13 @@ checkpoints, per-episode accuracies) and ``reports/compare/RUN/`` (see :mod:`leo
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
 from leo.compare import CompareSettings, compare
 from leo.errors import LeoInputError
 from leo.store import read_embeddings
-from stages.common import PARAMS_FILE, load_params, require, stage_main
+from stages.common import PARAMS_FILE, load_params, parse_run_args, require, stage_main
 from stages.metatrain import OUT as METATRAIN_OUT
 from stages.metatrain import resolve_device, run_config
 
@@ -122,14 +121,7 @@ def run(
 @stage_main
 def main() -> None:
     """Parse the flags, read ``params.yaml`` and run the stage."""
-    parser = argparse.ArgumentParser(prog="python -m stages.compare", description=__doc__)
-    parser.add_argument("run", help="a key of metatrain.runs in params.yaml")
-    parser.add_argument(
-        "--embeddings",
-        default="data/embeddings",
-        help="directory of {train,val,test}.parquet (default: data/embeddings)",
-    )
-    args = parser.parse_args()
+    args = parse_run_args("compare", __doc__, "{train,val,test}.parquet")
     table = run(
         args.run,
         load_params("compare"),

@@ -11,7 +11,6 @@ steps, examples per class) and ``DIR/test.parquet``; writes
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from leo.errors import LeoInputError
 from leo.evaluate import evaluate
 from leo.store import read_embeddings
 from leo.train import load_checkpoint
-from stages.common import PARAMS_FILE, load_params, require, stage_main
+from stages.common import PARAMS_FILE, load_params, parse_run_args, require, stage_main
 from stages.metatrain import OUT as METATRAIN_OUT
 from stages.metatrain import resolve_device
 
@@ -73,14 +72,7 @@ def run(run_name: str, params: dict[str, Any], embeddings: Path) -> dict[str, An
 @stage_main
 def main() -> None:
     """Parse the flags, read ``params.yaml`` and run the stage."""
-    parser = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__)
-    parser.add_argument("run", help="a key of metatrain.runs in params.yaml")
-    parser.add_argument(
-        "--embeddings",
-        default="data/embeddings",
-        help="directory of test.parquet (default: data/embeddings)",
-    )
-    args = parser.parse_args()
+    args = parse_run_args("evaluate", __doc__, "test.parquet")
     m = run(args.run, load_params("evaluate"), Path(args.embeddings))
     print(
         f"evaluate {args.run}: {m['num_classes']}-way {m['num_shots']}-shot meta-test accuracy "

@@ -16,7 +16,6 @@ another config or other embeddings starts afresh.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -32,7 +31,7 @@ from leo.config import PRESETS, LEOConfig, make_config
 from leo.errors import LeoInputError
 from leo.store import read_embeddings
 from leo.train import default_device, meta_train
-from stages.common import PARAMS_FILE, load_params, require, stage_main
+from stages.common import PARAMS_FILE, load_params, parse_run_args, require, stage_main
 
 OUT = Path("data/metatrain")
 REPORTS = Path("reports/metatrain")
@@ -178,14 +177,7 @@ def run(run_name: str, params: dict[str, Any], embeddings: Path) -> dict[str, An
 @stage_main
 def main() -> None:
     """Parse the flags, read ``params.yaml`` and run the stage."""
-    parser = argparse.ArgumentParser(prog="python -m stages.metatrain", description=__doc__)
-    parser.add_argument("run", help="a key of metatrain.runs in params.yaml")
-    parser.add_argument(
-        "--embeddings",
-        default="data/embeddings",
-        help="directory of {train,val}.parquet (default: data/embeddings)",
-    )
-    args = parser.parse_args()
+    args = parse_run_args("metatrain", __doc__, "{train,val}.parquet")
     metrics = run(args.run, load_params("metatrain"), Path(args.embeddings))
     print(
         f"metatrain {args.run}: best meta-validation accuracy {metrics['best_val_accuracy']:.4f} "
