@@ -298,17 +298,21 @@ def ensembles_markdown(table: dict[str, Any]) -> str:
         "",
         f"{table['episodes']} test episodes (seed {table['seed']}; sample noise seed "
         f"{table['noise_seed']}). Ensembles average the class probabilities of S sampled "
-        "classifiers; ECE over 15 bins. Difference = predictor - mean-only in points, paired.",
+        "classifiers; ECE over 15 bins. Difference = predictor - mean-only in points, paired. "
+        "A sampled classifier whose adaptation diverged (non-finite weights) is left out of "
+        "its episode's average (none left: uniform probabilities).",
         "",
-        "| predictor | accuracy (%) | ± 95% CI | ECE (%) | Δ vs mean-only | ± 95% CI |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| predictor | accuracy (%) | ± 95% CI | ECE (%) | Δ vs mean-only | ± 95% CI | "
+        "diverged classifiers |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in table["predictors"].items():
         ref = name == MEAN_ONLY
         lines.append(
             f"| {name} | {_pct(row['accuracy'])} | {_pct(row['ci95'])} | {_pct(row['ece'])} | "
             f"{'—' if ref else _signed(row['difference'])} | "
-            f"{'—' if ref else _pct(row['difference_ci95'])} |"
+            f"{'—' if ref else _pct(row['difference_ci95'])} | "
+            f"{row.get('diverged', 0)} of {row.get('classifiers', 0)} |"
         )
     return "\n".join(lines) + "\n"
 

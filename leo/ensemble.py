@@ -102,17 +102,34 @@ class SampledAdapter:
 
 
 def ensemble_log_probs(weights: Tensor, queries: Tensor) -> Tensor:
-    """log of the average class probability of S classifiers.
+    """log of the average class probability of S classifiers, leaving out diverged ones.
+
+    A sampled classifier whose adaptation diverged (any non-finite weight: rare, when a
+    sampled code sends the latent inner loop far out) says nothing about the classes, so it
+    is left out of its episode's average; an episode with no finite classifier predicts
+    uniform probabilities (1/N, the first class on ties).
 
     Args:
         weights: (S, B, N, D) classifiers of B episodes.
         queries: (B, M, D) query embeddings of each episode.
 
     Returns:
-        (B, M, N): log((1/S) sum_s softmax(x W_s^T)), by logsumexp (S = 1 is log_softmax).
+        (B, M, N): log((1/S') sum_s softmax(x W_s^T)) over the S' finite classifiers, by
+        logsumexp (S = 1 is log_softmax).
     """
-    logits = torch.einsum("bmd,sbnd->sbmn", queries, weights)
-    return torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=0) - math.log(weights.shape[0])
+    finite = finite_classifiers(weights)  # (S, B)
+    safe = torch.where(finite[..., None, None], weights, torch.zeros_like(weights))
+    logits = torch.einsum("bmd,sbnd->sbmn", queries, safe)
+    logp = torch.log_softmax(logits, dim=-1).masked_fill(~finite[..., None, None], -math.inf)
+    count = finite.sum(dim=0)  # (B,)
+    avg = torch.logsumexp(logp, dim=0) - torch.log(count.clamp(min=1).to(logp.dtype))[:, None, None]
+    uniform = torch.full_like(avg, -math.log(weights.shape[2]))
+    return torch.where((count > 0)[:, None, None], avg, uniform)
+
+
+def finite_classifiers(weights: Tensor) -> Tensor:
+    """(S, B, N, D) -> (S, B) bool: the classifiers whose weights are all finite."""
+    return torch.isfinite(weights).flatten(2).all(dim=-1)
 
 
 @dataclass
@@ -121,6 +138,8 @@ class EnsembleResult:
 
     accuracies: np.ndarray  # (num_episodes,)
     calibration: CalibrationTotals  # over every query of every episode
+    diverged: int = 0  # classifiers left out of the averages (non-finite weights)
+    classifiers: int = 0  # classifiers drawn in all (S per episode)
 
     @property
     def ece(self) -> float:
@@ -128,7 +147,14 @@ class EnsembleResult:
 
     def summary(self) -> dict:
         mean, ci = mean_ci95(self.accuracies)
-        return {"accuracy": mean, "ci95": ci, "ece": self.ece, "episodes": len(self.accuracies)}
+        return {
+            "accuracy": mean,
+            "ci95": ci,
+            "ece": self.ece,
+            "episodes": len(self.accuracies),
+            "diverged": self.diverged,
+            "classifiers": self.classifiers,
+        }
 
 
 def evaluate_ensembles(
@@ -162,6 +188,7 @@ def evaluate_ensembles(
     names = [MEAN_ONLY] + [ensemble_name(s) for s in sample_counts]
     accs: dict[str, list[Tensor]] = {k: [] for k in names}
     cal = {k: CalibrationTotals() for k in names}
+    diverged = dict.fromkeys(names, 0)
     start, done = time.perf_counter(), 0
     while done < num_episodes:
         bsz = min(batch_size, num_episodes - done)
@@ -169,6 +196,9 @@ def evaluate_ensembles(
         mean_w, sampled_w = adapter(
             params, sampler.gather(idx.support), max(sample_counts), noise_gen
         )
+        diverged[MEAN_ONLY] += int((~finite_classifiers(mean_w[None])).sum())
+        for s in sample_counts:
+            diverged[ensemble_name(s)] += int((~finite_classifiers(sampled_w[:s])).sum())
         n, q = idx.query.shape[1:]
         labels = torch.arange(n, device=sampler.device).repeat_interleave(q)
         for lo in range(0, bsz, chunk):
@@ -184,5 +214,9 @@ def evaluate_ensembles(
                 probability = conf.exp().clamp(max=1.0)  # rounding can give 1 + 1e-7
                 cal[name].add(probability.reshape(-1).cpu(), correct.reshape(-1).cpu())
         done += bsz
-    results = {k: EnsembleResult(torch.cat(accs[k]).numpy(), cal[k]) for k in names}
+    drawn = {MEAN_ONLY: 1, **{ensemble_name(s): s for s in sample_counts}}
+    results = {
+        k: EnsembleResult(torch.cat(accs[k]).numpy(), cal[k], diverged[k], drawn[k] * num_episodes)
+        for k in names
+    }
     return results, time.perf_counter() - start

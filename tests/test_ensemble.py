@@ -113,3 +113,41 @@ def test_ensemble_averages_probabilities_not_logits():
     p1, p2 = torch.softmax(torch.tensor([4.0, 0.0]), 0), torch.softmax(torch.tensor([0.0, 1.0]), 0)
     assert torch.allclose(logp.exp(), (p1 + p2) / 2)
     assert torch.allclose(ensemble_log_probs(weights[:1], query)[0, 0], torch.log(p1))
+
+
+def test_diverged_classifiers_are_left_out_of_the_average():
+    # episode 0: samples 0 and 2 finite, sample 1 diverged; episode 1: every sample diverged
+    gen = torch.Generator().manual_seed(3)
+    weights = torch.randn(3, 2, 4, 5, generator=gen)  # (S, B, N, D)
+    weights[1, 0, 2, 1] = float("nan")
+    weights[:, 1, 0, 0] = float("inf")
+    query = torch.randn(2, 6, 5, generator=gen)
+    logp = ensemble_log_probs(weights, query)
+    assert torch.isfinite(logp).all()
+    p0 = torch.softmax(query[0] @ weights[0, 0].T, -1)
+    p2 = torch.softmax(query[0] @ weights[2, 0].T, -1)
+    assert torch.allclose(logp[0].exp(), (p0 + p2) / 2, atol=1e-6)
+    assert torch.allclose(logp[1].exp(), torch.full((6, 4), 0.25))
+
+
+def test_diverged_classifiers_are_counted(monkeypatch):
+    split = synthetic_split(8, 20, DIM, noise=0.3, seed=4, split="test")
+    cfg = make_config(num_shots=1, latent_dim=4, compile=False, eval_per_class_total=None)
+    params = init_params(cfg, DIM, torch.Generator().manual_seed(0))
+    sampler = eval_sampler(split, cfg)
+
+    def diverging(self, params, xs, num_samples, generator):  # every 2nd sample of episode 0
+        mean = torch.randn(xs.shape[0], xs.shape[1], xs.shape[-1])
+        draws = torch.randn(num_samples, *mean.shape)
+        draws[::2, 0, 0, 0] = float("nan")
+        return mean, draws
+
+    monkeypatch.setattr(SampledAdapter, "__call__", diverging)
+    results, _ = evaluate_ensembles(
+        params, cfg, sampler, num_episodes=10, batch_size=5, seed=1, sample_counts=(1, 5)
+    )
+    # two batches: episode 0 of each loses samples 0, 2, 4
+    assert results[MEAN_ONLY].summary()["diverged"] == 0
+    assert (results["ensemble-1"].diverged, results["ensemble-1"].classifiers) == (2, 10)
+    assert (results["ensemble-5"].diverged, results["ensemble-5"].classifiers) == (6, 50)
+    assert all(np.isfinite(r.ece) for r in results.values())
