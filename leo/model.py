@@ -115,6 +115,22 @@ def _dropout(x: Tensor, mask: Tensor | None) -> Tensor:
     return x if mask is None else x * mask
 
 
+# Compiled on CPU, a comparison whose result the backward needs (ReLU, clamp) is saved as
+# a boolean mask, and the generated code stores booleans ~60x slower than floats (9 ms
+# against 0.15 ms for the 5-shot relation network's 960k activations; bench/kernels.py).
+# The fast form therefore writes its masks as floats: [x > 0] = ceil(clamp(x, 0, 1)),
+# exact for every float x (a difference a - b of floats is 0 only when a = b).
+def positive(x: Tensor) -> Tensor:
+    """[x > 0] as a float tensor (1.0 or 0.0), without a comparison; no gradient."""
+    return torch.ceil(x.detach().clamp(0.0, 1.0))
+
+
+def relu(x: Tensor) -> Tensor:
+    """max(x, 0) as x * [x > 0]: ``F.relu``'s values for finite x (-0.0 = 0 for negative x)
+    and its gradient [x > 0] (0 at 0), with a float mask."""
+    return x * positive(x)
+
+
 # ----------------------------------------------------------------------------- 1-4: codes
 def encode(params: Params, x: Tensor) -> Tensor:
     """1. Encoder (after dropout): (N, K, D) -> (N, K, Z)."""
@@ -146,14 +162,30 @@ def relation_fast(params: Params, codes: Tensor) -> Tensor:
     n, k, z = codes.shape
     w0, w1, w2 = (params[f"relation.{i}"] for i in range(3))
     flat = codes.reshape(n * k, z)
-    h = F.relu((flat @ w0[:z])[:, None, :] + (flat @ w0[z:])[None, :, :])  # (NK, NK, 2Z)
-    h = F.relu(h @ w1)
+    h = relu((flat @ w0[:z])[:, None, :] + (flat @ w0[z:])[None, :, :])  # (NK, NK, 2Z)
+    h = relu(h @ w1)
     return (h.mean(dim=1).reshape(n, k, 2 * z).mean(dim=1)) @ w2
 
 
 def gaussian_std(raw: Tensor, offset: float) -> Tensor:
     """3. std = exp(raw) - (1 - offset), clamped below at 1e-10."""
     return torch.clamp(torch.exp(raw) - (1.0 - offset), min=1e-10)
+
+
+STD_FLOOR = 1e-10
+
+
+def gaussian_std_parts(raw: Tensor, offset: float) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`gaussian_std` with float masks: (std, exp(raw), kept), kept = [t >= 1e-10].
+
+    t = exp(raw) - (1 - offset); std = t * kept + 1e-10 * (1 - kept) equals the clamp, and
+    its gradient, kept * exp(raw) per unit of raw, is the clamp's (which passes gradient
+    where t >= 1e-10). ``exp(raw)`` and ``kept`` are returned for the closed-form gradient.
+    """
+    e = torch.exp(raw)
+    t = e - (1.0 - offset)
+    kept = 1.0 - positive(STD_FLOOR - t)
+    return t * kept + STD_FLOOR * (1.0 - kept), e, kept
 
 
 def kl_at_sample(z: Tensor, std: Tensor, eps: Tensor) -> Tensor:
@@ -193,9 +225,12 @@ def support_grad_wbar(x: Tensor, w_bar: Tensor) -> Tensor:
     """Closed-form d(support_loss)/d(w_bar) = (softmax - onehot)^T x; (N, D)."""
     n, k, d = x.shape
     flat = x.reshape(n * k, d)
-    p = torch.softmax(flat @ w_bar.T, dim=-1).reshape(n, k, n)
+    # (w_bar @ x^T)^T rather than x @ w_bar^T, and p^T @ x rather than an einsum: the same
+    # sums, laid out so that gradients with respect to w_bar come out (N, D)-contiguous,
+    # which the compiled CPU backward reduces several times faster.
+    p = torch.softmax((w_bar @ flat.T).T, dim=-1).reshape(n, k, n)
     p = p - torch.eye(n, dtype=x.dtype, device=x.device)[:, None, :]
-    return torch.einsum("jkn,jkd->nd", p, x)
+    return p.reshape(n * k, n).T @ flat
 
 
 # ----------------------------------------------------------------------------- 6, 8: loops
@@ -210,21 +245,23 @@ def _decode_wbar_linear(params, z, eps, offset, stochastic):
     """Linear decoder, fast: w_bar = mean_k(z) @ W_mu + mean_k(std * eps); (N, D).
 
     The mean half is linear, so it is decoded once per class (N rows, not N*K); only the
-    scale half, which goes through exp, needs every k.
+    scale half, which goes through exp, needs every k. Also returns (exp(raw), kept) of
+    :func:`gaussian_std_parts` for :func:`_scale_grad` (None when deterministic).
     """
     d = params["decoder.0"].shape[1] // 2
     w_mu, w_raw = params["decoder.0"][:, :d], params["decoder.0"][:, d:]
     w_bar = z.mean(dim=1) @ w_mu
     if not stochastic:
         return w_bar, None
-    raw = z @ w_raw  # (N, K, D)
-    return w_bar + (gaussian_std(raw, offset) * eps).mean(dim=1), raw
+    std, e, kept = gaussian_std_parts(z @ w_raw, offset)  # (N, K, D)
+    return w_bar + (std * eps).mean(dim=1), (e, kept)
 
 
-def _scale_grad(g_w, raw, eps, offset):
-    """d/d(raw) of w = mu + std(raw) * eps, given dL/dw; the clamp passes no gradient."""
-    e = torch.exp(raw)
-    return g_w * eps * e * (e - (1.0 - offset) >= 1e-10).to(e.dtype)
+def _scale_grad(g_w, parts, eps):
+    """d/d(raw) of w = mu + std(raw) * eps, given dL/dw and (exp(raw), kept); the clamp
+    passes no gradient where it is active."""
+    e, kept = parts
+    return g_w * eps * e * kept
 
 
 def _latent_grad_fast(params, z, x, eps, offset, stochastic):
@@ -237,25 +274,29 @@ def _latent_grad_fast(params, z, x, eps, offset, stochastic):
     names = weight_names(params, "decoder")
     if len(names) == 1:
         d = params["decoder.0"].shape[1] // 2
-        w_bar, raw = _decode_wbar_linear(params, z, eps, offset, stochastic)
+        w_bar, parts = _decode_wbar_linear(params, z, eps, offset, stochastic)
         g_bar = support_grad_wbar(x, w_bar) / k  # (N, D)
         g = (g_bar @ params["decoder.0"][:, :d].T)[:, None, :]
         if stochastic:
-            g_raw = _scale_grad(g_bar[:, None, :], raw, eps, offset)
+            g_raw = _scale_grad(g_bar[:, None, :], parts, eps)
             g = g + g_raw @ params["decoder.0"][:, d:].T
         return g.expand_as(z), w_bar
     hidden = [z]
     for name in names[:-1]:
-        hidden.append(F.relu(hidden[-1] @ params[name]))
+        hidden.append(relu(hidden[-1] @ params[name]))
     mu, raw = (hidden[-1] @ params[names[-1]]).chunk(2, dim=-1)
-    w = mu if not stochastic else mu + gaussian_std(raw, offset) * eps
+    if stochastic:
+        std, *parts = gaussian_std_parts(raw, offset)
+        w = mu + std * eps
+    else:
+        w = mu
     g_w = (support_grad_wbar(x, w.mean(dim=1)) / k)[:, None, :].expand_as(w)  # (N, K, D)
-    g_raw = _scale_grad(g_w, raw, eps, offset) if stochastic else torch.zeros_like(g_w)
+    g_raw = _scale_grad(g_w, parts, eps) if stochastic else torch.zeros_like(g_w)
     g = torch.cat([g_w, g_raw], dim=-1)
     for i in range(len(names) - 1, -1, -1):
         g = g @ params[names[i]].T
         if i > 0:
-            g = g * (hidden[i] > 0).to(g.dtype)
+            g = g * positive(hidden[i])
     return g, w.mean(dim=1)
 
 
@@ -322,7 +363,7 @@ def adapt(
         stats = (relation_literal if literal else relation_fast)(params, codes)  # (N, 2Z)
         mu, raw = (s[:, None, :].expand(n, k, zdim) for s in stats.chunk(2, dim=-1))
         if stochastic:
-            std = gaussian_std(raw, 0.0)
+            std = gaussian_std(raw, 0.0) if literal else gaussian_std_parts(raw, 0.0)[0]
             eps = _normal(noise, "z_eps", None, (n, k, zdim), x_support)
             z = mu + std * eps
             kl = kl_at_sample(z, std, eps) if training else zero
@@ -391,7 +432,7 @@ def episode_loss(
     keep = _keep_mask(noise, "query_keep", None, (n, q, d), cfg.dropout, x_query)
     xq = _dropout(x_query, keep).reshape(n * q, d)
     labels = torch.arange(n, device=x_query.device).repeat_interleave(q)
-    logits = xq @ out["w_bar"].T
+    logits = (out["w_bar"] @ xq.T).T  # = xq @ w_bar^T; see support_grad_wbar
     query_loss = F.cross_entropy(logits, labels)  # 9: mean over the query set
     accuracy = (logits.argmax(dim=-1) == labels).to(logits.dtype).mean()
     return query_loss, out["kl"], out["encoder_penalty"], accuracy

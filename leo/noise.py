@@ -33,9 +33,9 @@ def draw_noise(
     device = generator.device
     stochastic = not cfg.deterministic
 
-    def keep(*shape):
+    def keep(*shape):  # (u >= rate) / (1 - rate), in place: the same values, no copies
         u = torch.rand(shape, generator=generator, device=device)
-        return (u >= rate).float() / (1.0 - rate)
+        return u.ge_(rate).div_(1.0 - rate)
 
     out: dict[str, torch.Tensor] = {}
     if stochastic:

@@ -34,6 +34,7 @@ from leo.evaluate import eval_sampler, evaluate_classifier, leo_classifier
 from leo.model import Params, init_params
 from leo.noise import draw_noise
 from leo.optim import Adam
+from leo.prefetch import Prefetcher
 
 HISTORY_FIELDS = [
     "step",
@@ -100,6 +101,7 @@ def meta_train(
     device=None,
     progress: bool = True,
     stop_after: int | None = None,
+    prefetch: bool = True,
 ) -> TrainResult:
     """Meta-train LEO on ``train`` and select on ``val`` (both EmbeddingSplit).
 
@@ -111,6 +113,8 @@ def meta_train(
         device: torch device (default: CUDA when present).
         progress: show a progress bar (steps/s, loss, validation accuracy).
         stop_after: stop (as if killed) after this many total steps; for tests.
+        prefetch: draw the next batch (episodes and noise) on a background thread while
+            this one trains (:mod:`leo.prefetch`); the same batches either way.
     """
     device = torch.device(device) if device is not None else default_device()
     out = Path(out_dir)
@@ -159,63 +163,72 @@ def meta_train(
     bar = tqdm(
         total=cfg.num_steps, initial=step, desc="meta-train", unit="step", disable=not progress
     )
-    while step < end:
+
+    def draw():
         xs, xq, _ = train_sampler.sample(cfg.batch_size, episode_gen)
-        noise = draw_noise(cfg, cfg.batch_size, cfg.num_queries, dim, noise_gen)
-        metrics = meta_step(params, opt, xs, xq, noise)
-        for k in ("loss", "accuracy"):
-            sums[k] = sums.get(k, 0.0) + metrics[k]
-        since += 1
-        step += 1
-        bar.update(1)
-        if step % cfg.validate_every == 0 or step == cfg.num_steps:
-            val_result = evaluate_classifier(
-                leo_classifier(params, cfg),
-                val_sampler,
-                num_episodes=cfg.val_batches * cfg.val_batch_size,
-                batch_size=cfg.val_batch_size,
-                seed=cfg.seed + VAL_SEED_OFFSET,
-            )
-            row = {
-                "step": step,
-                "train_loss": float(sums["loss"]) / since,
-                "train_accuracy": float(sums["accuracy"]) / since,
-                "val_accuracy": val_result.mean,
-                "val_ci95": val_result.ci95,
-                "inner_lr_mean": float(params["inner_lr"].detach().mean()),
-                "finetune_lr_mean": float(params["finetune_lr"].detach().mean()),
-                "elapsed_seconds": time.perf_counter() - start,
-            }
-            history.append(row)
-            sums, since = {}, 0
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row['val_accuracy']:.4f}")
-            if row["val_accuracy"] > best["val_accuracy"]:
-                best = {"val_accuracy": row["val_accuracy"], "step": step}
+        return xs, xq, draw_noise(cfg, cfg.batch_size, cfg.num_queries, dim, noise_gen)
+
+    batches = Prefetcher(draw, (episode_gen, noise_gen), enabled=prefetch and step < end)
+    try:
+        while step < end:
+            drawn = next(batches)
+            xs, xq, noise = drawn.batch
+            metrics = meta_step(params, opt, xs, xq, noise)
+            for k in ("loss", "accuracy"):
+                sums[k] = sums.get(k, 0.0) + metrics[k]
+            since += 1
+            step += 1
+            bar.update(1)
+            if step % cfg.validate_every == 0 or step == cfg.num_steps:
+                val_result = evaluate_classifier(
+                    leo_classifier(params, cfg),
+                    val_sampler,
+                    num_episodes=cfg.val_batches * cfg.val_batch_size,
+                    batch_size=cfg.val_batch_size,
+                    seed=cfg.seed + VAL_SEED_OFFSET,
+                )
+                row = {
+                    "step": step,
+                    "train_loss": float(sums["loss"]) / since,
+                    "train_accuracy": float(sums["accuracy"]) / since,
+                    "val_accuracy": val_result.mean,
+                    "val_ci95": val_result.ci95,
+                    "inner_lr_mean": float(params["inner_lr"].detach().mean()),
+                    "finetune_lr_mean": float(params["finetune_lr"].detach().mean()),
+                    "elapsed_seconds": time.perf_counter() - start,
+                }
+                history.append(row)
+                sums, since = {}, 0
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row['val_accuracy']:.4f}")
+                if row["val_accuracy"] > best["val_accuracy"]:
+                    best = {"val_accuracy": row["val_accuracy"], "step": step}
+                    save_checkpoint(
+                        out / "best.pt",
+                        {
+                            "params": {k: v.detach().cpu() for k, v in params.items()},
+                            "config": cfg.to_dict(),
+                            "step": step,
+                            "val_accuracy": row["val_accuracy"],
+                            "embedding_dim": dim,
+                        },
+                    )
+                _write_history(out / "history.csv", history)
                 save_checkpoint(
-                    out / "best.pt",
+                    state_path,
                     {
-                        "params": {k: v.detach().cpu() for k, v in params.items()},
-                        "config": cfg.to_dict(),
+                        "params": {k: v.detach() for k, v in params.items()},
+                        "adam": opt.state_dict(),
                         "step": step,
-                        "val_accuracy": row["val_accuracy"],
-                        "embedding_dim": dim,
+                        "episode_gen": drawn.states_after[0],
+                        "noise_gen": drawn.states_after[1],
+                        "best": best,
+                        "history": history,
+                        "elapsed": time.perf_counter() - start,
+                        "config": cfg.to_dict(),
                     },
                 )
-            _write_history(out / "history.csv", history)
-            save_checkpoint(
-                state_path,
-                {
-                    "params": {k: v.detach() for k, v in params.items()},
-                    "adam": opt.state_dict(),
-                    "step": step,
-                    "episode_gen": episode_gen.get_state(),
-                    "noise_gen": noise_gen.get_state(),
-                    "best": best,
-                    "history": history,
-                    "elapsed": time.perf_counter() - start,
-                    "config": cfg.to_dict(),
-                },
-            )
+    finally:
+        batches.close()
     bar.close()
     return TrainResult(
         best_val_accuracy=best["val_accuracy"],

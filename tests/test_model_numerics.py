@@ -23,12 +23,15 @@ from leo.model import (
     decoder_std_offset,
     episode_loss,
     gaussian_std,
+    gaussian_std_parts,
     init_params,
     l2_penalty,
     meta_loss,
     orthogonality_penalty,
+    positive,
     relation_fast,
     relation_literal,
+    relu,
     support_grad_wbar,
     support_loss,
 )
@@ -476,6 +479,38 @@ def test_hand_derived_std_and_decoder_offset():
 
 
 # ----------------------------------------------------------------------------- pieces
+def test_float_masks_equal_the_comparisons_they_replace():
+    """positive/relu/gaussian_std_parts (float masks, for the compiled CPU path) against
+    the comparison, F.relu and the clamp: values and gradients, at and around the kinks."""
+    tiny = torch.finfo(torch.float32).tiny
+    x = torch.tensor(
+        [-3.0, -1.0, -1e-30, -tiny, 0.0, -0.0, tiny, 1e-30, 0.5, 1.0, 1.5, 1e30], requires_grad=True
+    )
+    assert torch.equal(positive(x), (x > 0).float())
+    assert not positive(x).requires_grad
+    y = relu(x)
+    assert torch.equal(y, F.relu(x))
+    v = torch.linspace(0.5, 2.0, len(x))
+    (g,) = torch.autograd.grad((y * v).sum(), x)
+    (g_ref,) = torch.autograd.grad((F.relu(x) * v).sum(), x)
+    assert torch.equal(g, g_ref)  # 0 at 0, like F.relu
+
+    offset = 0.3
+    floor = torch.tensor(1e-10, dtype=torch.float32)
+    # exp(raw) - (1 - offset) below, at, just above and well above the 1e-10 floor
+    t_target = torch.tensor([-0.5, 0.0, 1e-10, 2e-10, 1e-3, 2.0])
+    raw = torch.log(t_target + (1.0 - offset)).requires_grad_()
+    std, e, kept = gaussian_std_parts(raw, offset)
+    ref = gaussian_std(raw, offset)
+    assert torch.equal(std, ref)
+    assert torch.equal(e, torch.exp(raw))
+    assert torch.equal(kept, ((torch.exp(raw) - (1.0 - offset)) >= floor).float())
+    (g,) = torch.autograd.grad((std * v[:6]).sum(), raw)
+    (g_ref,) = torch.autograd.grad((ref * v[:6]).sum(), raw)
+    assert torch.equal(g, g_ref)
+    assert kept[0] == 0 and kept[-1] == 1
+
+
 def test_relation_fast_equals_literal_equals_explicit_pair_loop():
     gen = torch.Generator().manual_seed(7)
     cfg = small_cfg(latent_dim=5)

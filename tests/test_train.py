@@ -88,3 +88,19 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
         load_checkpoint(bad)
     with pytest.raises(LeoInputError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_prefetching_on_a_thread_trains_exactly_like_drawing_in_line(tmp_path):
+    train, val, _ = _splits()
+    cfg = _cfg(num_steps=30)
+    ahead = meta_train(cfg, train, val, tmp_path / "a", progress=False, prefetch=True)
+    inline = meta_train(cfg, train, val, tmp_path / "b", progress=False, prefetch=False)
+    pa, _, _ = load_checkpoint(ahead.checkpoint)
+    pb, _, _ = load_checkpoint(inline.checkpoint)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    sa = torch.load(tmp_path / "a" / "state.pt", weights_only=True)
+    sb = torch.load(tmp_path / "b" / "state.pt", weights_only=True)
+    # the saved generator states are those after the last step's batch, not a batch ahead
+    assert torch.equal(sa["episode_gen"], sb["episode_gen"])
+    assert torch.equal(sa["noise_gen"], sb["noise_gen"])
+    assert [r["val_accuracy"] for r in ahead.history] == [r["val_accuracy"] for r in inline.history]
