@@ -1,12 +1,14 @@
 """Meta-training and evaluation speed on SYNTHETIC embeddings of the published shape.
 
-Prints one JSON object: steps/s of this package's step (compiled unless --eager) and of a
-straightforward batched eager second-order step (bench/straightforward.py) for the
+Prints one JSON object: steps/s of this package's step (compiled unless --eager; explicit
+gradients unless --gradients autograd) and of a straightforward batched eager second-order
+step (bench/straightforward.py) for the
 mini-1shot and mini-5shot presets (batch 12, 5-way, 15 queries, 640-d), the ratio, the
 first-call compile time, and seconds for a 10,000-episode 1-shot evaluation with 599
 queries per class (20 classes x 600 rows, the miniImageNet test split's shape).
 
-    python bench/train_speed.py [--device cuda] [--steps 100] [--threads 1]
+    python bench/train_speed.py [--device cuda] [--steps 100] [--threads 1] [--eager]
+        [--gradients explicit|autograd] [--no-prefetch]
 
 Step timings include everything the training loop does per step: episode sampling, noise
 drawing, forward, backward and update.
@@ -35,6 +37,7 @@ from leo.evaluate import evaluate  # noqa: E402
 from leo.model import init_params  # noqa: E402
 from leo.noise import draw_noise  # noqa: E402
 from leo.optim import Adam  # noqa: E402
+from leo.prefetch import Prefetcher  # noqa: E402
 from leo.synthetic import synthetic_split  # noqa: E402
 
 
@@ -43,30 +46,35 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def bench_leo(preset, split, device, steps, compile_):
-    cfg = make_config(preset, compile=compile_)
+def bench_leo(preset, split, device, steps, compile_, prefetch, gradients):
+    cfg = make_config(preset, compile=compile_, gradients=gradients)
     params = {k: v.requires_grad_() for k, v in init_params(cfg, split.dim, None, device).items()}
     opt = Adam(params, cfg.outer_lr)
     step = MetaStep(cfg)
     sampler = EpisodeSampler(split.embeddings, split.labels, 5, cfg.num_shots, 15)
     gen = torch.Generator(device=device).manual_seed(0)
 
-    def one():
+    def draw():
         xs, xq, _ = sampler.sample(cfg.batch_size, gen)
-        return step(params, opt, xs, xq, draw_noise(cfg, cfg.batch_size, 15, split.dim, gen))
+        return xs, xq, draw_noise(cfg, cfg.batch_size, 15, split.dim, gen)
 
-    t0 = time.perf_counter()
-    one()
-    _sync(device)
-    first = time.perf_counter() - t0
-    for _ in range(5):
+    with Prefetcher(draw, (gen,), enabled=prefetch) as batches:  # as leo.train does
+
+        def one():
+            return step(params, opt, *next(batches).batch)
+
+        t0 = time.perf_counter()
         one()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        out = one()
-    float(out["loss"])
-    return steps / (time.perf_counter() - t0), first
+        _sync(device)
+        first = time.perf_counter() - t0
+        for _ in range(5):
+            one()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = one()
+        float(out["loss"])
+        return steps / (time.perf_counter() - t0), first
 
 
 def bench_straightforward(preset, split, device, steps):
@@ -101,6 +109,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100, help="timed steps per measurement")
     ap.add_argument("--eager", action="store_true", help="time the eager path, not compiled")
     ap.add_argument(
+        "--gradients",
+        choices=("explicit", "autograd"),
+        default="explicit",
+        help="the meta-gradient: hand-derived (leo/explicit.py, default) or vmap + autograd",
+    )
+    ap.add_argument(
+        "--no-prefetch",
+        action="store_true",
+        help="draw episodes and noise in the training thread (default: on a second thread, "
+        "as leo.train does)",
+    )
+    ap.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -119,9 +139,13 @@ def main() -> None:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "compiled": not args.eager,
+        "gradients": args.gradients,
+        "prefetch": not args.no_prefetch,
     }
     for preset in ("mini-1shot", "mini-5shot"):
-        sps, first = bench_leo(preset, train, device, args.steps, not args.eager)
+        sps, first = bench_leo(
+            preset, train, device, args.steps, not args.eager, not args.no_prefetch, args.gradients
+        )
         ref = bench_straightforward(preset, train, device, max(args.steps // 4, 10))
         out[preset] = {
             "steps_per_s": round(sps, 1),

@@ -5,7 +5,9 @@ Modules (one concept each):
   model      -- the LEO math as pure functions over named parameters.
   noise      -- pre-drawn noise for a batch, from an explicit generator.
   optim      -- the outer update: NaN fallback, clipping, TensorFlow-style Adam.
-  batched    -- vmap over episodes, the outer step; compiled.
+  explicit   -- a batch's meta-loss and exact meta-gradient by a hand-derived reverse pass.
+  batched    -- the outer step (explicit gradients, or vmap + autograd); compiled.
+  prefetch   -- the next batch's episodes and noise drawn on a background thread.
   episodes   -- seeded N-way K-shot episode sampling on the device.
   store      -- the Parquet embedding store.
   safe_pickle-- a pickle loader that admits only dicts, lists, strings and numpy arrays.

@@ -1,9 +1,15 @@
 """Batches of episodes: vmap over episodes, the outer gradient step, compiled once.
 
-``MetaStep`` is the ``train_step(state, batch, noise) -> metrics`` of the training loop:
-the per-episode math of :mod:`leo.model` under ``torch.func.vmap`` (each episode its own
-randomness), wrapped whole in ``torch.compile`` (``cfg.compile``; eager otherwise), with the
-backward pass, NaN fallback, clipping and Adam outside the compiled region.
+``MetaStep`` is the ``train_step(state, batch, noise) -> metrics`` of the training loop.
+Its meta-gradient comes from one of two computations of the same math:
+
+- ``cfg.gradients == "explicit"`` (default; linear encoder and decoder): the batch's forward
+  and hand-derived reverse pass of :mod:`leo.explicit`, plain batched tensor code;
+- otherwise: the per-episode math of :mod:`leo.model` under ``torch.func.vmap`` (each
+  episode its own randomness) and autograd.
+
+Either is wrapped whole in ``torch.compile`` when ``cfg.compile``; the NaN fallback,
+clipping and Adam run outside the compiled region.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import functools
 import torch
 from torch import Tensor
 
+from leo import explicit
 from leo.config import LEOConfig
 from leo.model import Params, adapt, episode_loss, meta_loss
 from leo.optim import Adam, clip_gradients, nan_fallback
@@ -51,13 +58,19 @@ class MetaStep:
 
     def __init__(self, cfg: LEOConfig) -> None:
         self.cfg = cfg
+        self.explicit = cfg.gradients == "explicit" and explicit.covers(cfg)
         loss_fn = functools.partial(batch_meta_loss, cfg=cfg)
-        self.loss_fn = torch.compile(loss_fn, dynamic=False) if cfg.compile else loss_fn
+        grad_fn = functools.partial(explicit.loss_and_grads, cfg=cfg)
+        if cfg.compile:
+            loss_fn, grad_fn = (torch.compile(f, dynamic=False) for f in (loss_fn, grad_fn))
+        self.loss_fn, self.grad_fn = loss_fn, grad_fn
 
-    def __call__(
-        self, params: Params, opt: Adam, xs: Tensor, xq: Tensor, noise: dict | None = None
-    ) -> dict[str, Tensor]:
-        """Update ``params`` in place; return detached metric tensors (no host sync)."""
+    def gradients(
+        self, params: Params, xs: Tensor, xq: Tensor, noise: dict | None = None
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """(loss, metrics, d loss / d params) of a batch, before fallback and clipping."""
+        if self.explicit and noise is not None:
+            return self.grad_fn(params, xs, xq, noise)
         loss, metrics = self.loss_fn(params, xs, xq, noise=noise)
         names = list(params)
         # allow_unused: with 0 latent (or fine-tuning) steps a step size is not in the graph;
@@ -65,7 +78,17 @@ class MetaStep:
         raw = torch.autograd.grad(
             loss, [params[k] for k in names], allow_unused=True, materialize_grads=True
         )
-        grads = dict(zip(names, raw, strict=True))
+        return loss, metrics, dict(zip(names, raw, strict=True))
+
+    def __call__(
+        self, params: Params, opt: Adam, xs: Tensor, xq: Tensor, noise: dict | None = None
+    ) -> dict[str, Tensor]:
+        """Update ``params`` in place; return detached metric tensors (no host sync).
+
+        ``noise`` (:func:`leo.noise.draw_noise`) is what the explicit gradients read; without
+        it the autograd path draws its noise in-graph.
+        """
+        loss, metrics, grads = self.gradients(params, xs, xq, noise)
         grads = nan_fallback(params, loss.detach(), grads)
         grads = clip_gradients(grads, self.cfg.gradient_threshold, self.cfg.gradient_norm_threshold)
         opt.step(params, grads)

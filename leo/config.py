@@ -49,6 +49,9 @@ class LEOConfig:
     first_order: bool = False  # opt-in: stop gradients through the inner-loop gradients
     form: str = "fast"  # "fast": closed-form inner gradients and factored relation net;
     #   "literal": every pair, every weight sample's logits, torch.func.grad (same values)
+    gradients: str = "explicit"  # meta-training's meta-gradient: "explicit", the batch's
+    #   reverse pass derived by hand (leo/explicit.py; linear encoder/decoder, fast form,
+    #   other configs use autograd); "autograd": torch.func.vmap + autograd (same values)
 
     # --- outer optimisation ---
     outer_lr: float = 1e-4  # Adam learning rate
@@ -74,6 +77,10 @@ class LEOConfig:
             (self.inner_steps >= 0 and self.finetune_steps >= 0, "step counts must be >= 0"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.form in ("fast", "literal"), "form must be 'fast' or 'literal'"),
+            (
+                self.gradients in ("explicit", "autograd"),
+                "gradients must be 'explicit' or 'autograd'",
+            ),
             (self.l2_penalty_weight > 0, "l2_penalty_weight must be > 0 (NaN fallback uses it)"),
             (self.hidden_dim is None or self.hidden_dim >= 1, "hidden_dim must be >= 1 or null"),
         ]

@@ -1,8 +1,9 @@
 """``MetaStep`` under ``torch.compile``: the same numbers as eager, and compiled only once.
 
-One compilation for the whole file (a module fixture), on a deliberately tiny problem
-(N=3, K=2, Q=2, D=16, Z=4, one latent and one fine-tuning step, batch 2): a cold Inductor
-compile costs about a minute of CPU here, a warm FX-graph cache a few seconds.
+One compilation per gradient path for the whole file (a module fixture): the explicit
+gradients (the default) and vmap + autograd, on a deliberately tiny problem (N=3, K=2,
+Q=2, D=16, Z=4, one latent and one fine-tuning step, batch 2): a cold Inductor compile
+costs about half a minute of CPU here, a warm FX-graph cache a few seconds.
 """
 
 from __future__ import annotations
@@ -59,12 +60,17 @@ def steps():
     batches = [batch(), batch()]
     runs = {}
     stats = [_graph_stats()]
-    for name, c in (("compiled", cfg), ("eager", dataclasses.replace(cfg, compile=False))):
+    configs = (
+        ("compiled", cfg),
+        ("compiled_autograd", dataclasses.replace(cfg, gradients="autograd")),
+        ("eager", dataclasses.replace(cfg, compile=False)),
+    )
+    for name, c in configs:
         params = {k: v.clone().requires_grad_(True) for k, v in start.items()}
         step, opt = MetaStep(c), Adam(params, c.outer_lr)
         metrics = []
         for i, (xs, xq, noise) in enumerate(batches):
-            if name == "compiled" and i > 0:
+            if name != "eager" and i > 0:
                 with torch._dynamo.config.patch(error_on_recompile=True):
                     metrics.append(step(params, opt, xs, xq, noise))
             else:
@@ -76,8 +82,10 @@ def steps():
     torch.set_num_threads(before_threads)
 
 
-def test_compiled_meta_step_updates_params_like_eager(steps):
-    compiled, eager = steps["runs"]["compiled"], steps["runs"]["eager"]
+@pytest.mark.parametrize("run", ["compiled", "compiled_autograd"])
+def test_compiled_meta_step_updates_params_like_eager(steps, run):
+    compiled, eager = steps["runs"][run], steps["runs"]["eager"]
+    assert compiled["step"].explicit == (run == "compiled")
     for mc, me in zip(compiled["metrics"], eager["metrics"], strict=True):
         for key in ("loss", "query_loss", "kl", "encoder_penalty", "accuracy"):
             assert abs(mc[key].item() - me[key].item()) < 1e-5 * max(1.0, abs(me[key].item()))
@@ -87,13 +95,28 @@ def test_compiled_meta_step_updates_params_like_eager(steps):
         assert moved > 1e-3 or name == "finetune_lr", name  # two Adam steps of lr 0.01
 
 
-def test_compiled_loss_gradients_match_eager(steps):
-    # Adam's first steps are nearly sign(g); compare the gradients themselves as well.
+def test_compiled_explicit_gradients_match_eager(steps):
     params = steps["runs"]["compiled"]["params"]
     xs, xq, noise = steps["batches"][0]
     before = _graph_stats()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        loss_c, _ = steps["runs"]["compiled"]["step"].loss_fn(params, xs, xq, noise=noise)
+        loss_c, _, g_c = steps["runs"]["compiled"]["step"].gradients(params, xs, xq, noise)
+    assert _graph_stats() == before  # third call, new values, same shapes: cached
+    eager = MetaStep(dataclasses.replace(steps["cfg"], compile=False))
+    loss_e, _, g_e = eager.gradients(params, xs, xq, noise)
+    assert abs(loss_c.item() - loss_e.item()) < 1e-5 * max(1.0, abs(loss_e.item()))
+    for name, b in g_e.items():
+        assert b.abs().max() > 1e-6, name
+        assert (g_c[name] - b).abs().max() <= 1e-5 * b.abs().max(), name
+
+
+def test_compiled_loss_gradients_match_eager(steps):
+    # Adam's first steps are nearly sign(g); compare the gradients themselves as well.
+    params = steps["runs"]["compiled_autograd"]["params"]
+    xs, xq, noise = steps["batches"][0]
+    before = _graph_stats()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        loss_c, _ = steps["runs"]["compiled_autograd"]["step"].loss_fn(params, xs, xq, noise=noise)
     assert _graph_stats() == before  # third call, new values, same shapes: cached
     loss_e, _ = batch_meta_loss(
         params, xs, xq, dataclasses.replace(steps["cfg"], compile=False), noise
