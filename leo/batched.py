@@ -96,10 +96,15 @@ class MetaStep:
 
 
 class BatchAdapter:
-    """Evaluation-mode adaptation of episode batches, compiled when ``cfg.compile``."""
+    """Evaluation-mode adaptation of episode batches: :func:`leo.explicit.adapt` where it
+    covers the config (plain batched tensors), :func:`batch_adapt` (vmap) otherwise;
+    compiled when ``cfg.compile``."""
 
     def __init__(self, cfg: LEOConfig) -> None:
-        fn = functools.partial(batch_adapt, cfg=cfg)
+        if explicit.covers(cfg):
+            fn = functools.partial(explicit.adapt, cfg=cfg)
+        else:
+            fn = functools.partial(batch_adapt, cfg=cfg)
         self.fn = torch.compile(fn, dynamic=False) if cfg.compile else fn
 
     @torch.no_grad()

@@ -108,6 +108,48 @@ def _decode(z: Tensor, w_mu: Tensor, w_raw: Tensor, eps: Tensor | None, offset: 
 
 
 # ----------------------------------------------------------------------------- forward
+def _relation(params: Params, c: Tensor, n: int, k: int):
+    """Relation network on codes c (B, M, Z): h1, h2 (B, M, M, 2Z), hc and stats (B, N, 2Z)."""
+    b, m, zdim = c.shape
+    r0 = params["relation.0"]
+    h1 = ((c @ r0[:zdim])[:, :, None, :] + (c @ r0[zdim:])[:, None, :, :]).relu_()
+    h2 = (h1 @ params["relation.1"]).relu_()
+    hc = h2.mean(dim=2).reshape(b, n, k, 2 * zdim).mean(dim=2)
+    return h1, h2, hc, hc @ params["relation.2"]
+
+
+def adapt(params: Params, xs: Tensor, cfg: LEOConfig) -> dict[str, Tensor]:
+    """Evaluation-mode adaptation of a batch (the means, no dropout, the evaluation step
+    counts): :func:`leo.model.adapt` with ``training=False`` for every episode at once.
+
+    Args:
+        xs: (B, N, K, D) support; row n is class n.
+
+    Returns:
+        ``w_bar`` (B, N, D), ``z_init`` and ``z_adapted`` (B, N, K, Z).
+    """
+    b, n, k, d = xs.shape
+    zdim = cfg.latent_dim
+    offset = decoder_std_offset(n, d)
+    w_mu, w_raw = params["decoder.0"][:, :d], params["decoder.0"][:, d:]
+    y = _onehot(n, k, xs)
+    x = xs.reshape(b, n * k, d)
+    if cfg.random_prior:
+        z = xs.new_zeros(b, n, k, zdim)
+    else:
+        stats = _relation(params, x @ params["encoder.0"], n, k)[3]
+        z = stats[:, :, None, :zdim].expand(b, n, k, zdim)
+    z_init = z
+    for _ in range(cfg.test_inner_steps):
+        g, _ = _support_grad(x, _decode(z, w_mu, w_raw, None, offset).w_bar, y)
+        z = z - params["inner_lr"] * ((g / k) @ w_mu.mT)[:, :, None, :]
+    v = _decode(z, w_mu, w_raw, None, offset).w_bar
+    for _ in range(cfg.test_finetune_steps):
+        g, _ = _support_grad(x, v, y)
+        v = v - params["finetune_lr"] * (g / k)
+    return {"w_bar": v, "z_init": z_init, "z_adapted": z}
+
+
 @dataclass
 class Tape:
     """What the reverse pass reads: inputs, intermediates, the batch's shapes."""
@@ -169,11 +211,7 @@ def forward(
     else:
         xe = _masked(xs, noise.get("enc_keep")).reshape(b, m, d)
         c = xe @ params["encoder.0"]  # (B, M, Z)
-        r0 = params["relation.0"]
-        h1 = ((c @ r0[:zdim])[:, :, None, :] + (c @ r0[zdim:])[:, None, :, :]).relu_()
-        h2 = (h1 @ params["relation.1"]).relu_()  # (B, M, M, 2Z)
-        hc = h2.mean(dim=2).reshape(b, n, k, 2 * zdim).mean(dim=2)  # (B, N, 2Z)
-        stats = hc @ params["relation.2"]  # (B, N, 2Z)
+        h1, h2, hc, stats = _relation(params, c, n, k)
         mu, raw = stats[..., :zdim], stats[..., zdim:]
         tape.xe, tape.codes, tape.h1, tape.h2, tape.hc = xe, c, h1, h2, hc
         if stochastic:

@@ -126,9 +126,12 @@ def positive(x: Tensor) -> Tensor:
 
 
 def relu(x: Tensor) -> Tensor:
-    """max(x, 0) as x * [x > 0]: ``F.relu``'s values for finite x (-0.0 = 0 for negative x)
-    and its gradient [x > 0] (0 at 0), with a float mask."""
-    return x * positive(x)
+    """max(x, 0); under torch.compile as x * [x > 0] with a float mask: ``F.relu``'s values
+    for finite x (-0.0 = 0 for negative x) and its gradient [x > 0] (0 at 0). Eager, where
+    the extra passes cost more than the boolean, ``F.relu`` itself."""
+    if torch.compiler.is_compiling():
+        return x * positive(x)
+    return F.relu(x)
 
 
 # ----------------------------------------------------------------------------- 1-4: codes

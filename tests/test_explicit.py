@@ -18,7 +18,7 @@ from plain_leo import plain_episode
 from test_model_numerics import D, K, N, Q, small_cfg  # the tiny episode of those tests
 
 from leo import explicit
-from leo.batched import MetaStep, batch_meta_loss
+from leo.batched import BatchAdapter, MetaStep, batch_adapt, batch_meta_loss
 from leo.model import decoder_std_offset, init_params
 from leo.noise import draw_noise
 from leo.optim import Adam
@@ -191,3 +191,19 @@ def test_meta_step_updates_like_the_autograd_path_in_float32():
         moved = (pa[name] - start[name]).abs().max().item()
         assert moved > 1e-3 or name == "finetune_lr", name
         assert torch.allclose(pe[name], pa[name], rtol=0.0, atol=1e-5), name
+
+
+@pytest.mark.parametrize("variant", ["sampled", "random_prior", "one_shot"])
+def test_evaluation_adaptation_equals_vmap_of_the_model_and_the_plain_version(variant):
+    cfg = small_cfg(**VARIANTS[variant], eval_inner_steps=4, eval_finetune_steps=2)
+    params, xs, _, _ = make_batch(cfg, seed=6)
+    got = explicit.adapt(params, xs, cfg)
+    want = batch_adapt(params, xs, cfg)
+    for key in ("w_bar", "z_init", "z_adapted"):
+        assert got[key].shape == want[key].shape, key
+        assert rel_err(got[key], want[key]) < TOL, key
+    for b in range(B):
+        ref = plain_episode(params, xs[b], xs[b], cfg, None, training=False)
+        assert rel_err(got["w_bar"][b], ref["w"].mean(dim=1)) < TOL_PLAIN
+    assert BatchAdapter(cfg).fn.func is explicit.adapt
+    assert BatchAdapter(small_cfg(hidden_dim=5)).fn.func is batch_adapt

@@ -488,12 +488,17 @@ def test_float_masks_equal_the_comparisons_they_replace():
     )
     assert torch.equal(positive(x), (x > 0).float())
     assert not positive(x).requires_grad
-    y = relu(x)
-    assert torch.equal(y, F.relu(x))
     v = torch.linspace(0.5, 2.0, len(x))
-    (g,) = torch.autograd.grad((y * v).sum(), x)
     (g_ref,) = torch.autograd.grad((F.relu(x) * v).sum(), x)
+    y = x * positive(x)  # what relu computes under torch.compile
+    assert torch.equal(y, F.relu(x))
+    (g,) = torch.autograd.grad((y * v).sum(), x)
     assert torch.equal(g, g_ref)  # 0 at 0, like F.relu
+    compiled_relu = torch.compile(relu, backend="aot_eager")  # traced: the float-mask branch
+    y = compiled_relu(x)
+    assert torch.equal(y, F.relu(x))
+    (g,) = torch.autograd.grad((y * v).sum(), x)
+    assert torch.equal(g, g_ref)
 
     offset = 0.3
     floor = torch.tensor(1e-10, dtype=torch.float32)
