@@ -8,7 +8,7 @@ first-call compile time, and seconds for a 10,000-episode 1-shot evaluation with
 queries per class (20 classes x 600 rows, the miniImageNet test split's shape).
 
     python bench/train_speed.py [--device cuda] [--steps 100] [--threads 1] [--eager]
-        [--gradients explicit|autograd] [--no-prefetch]
+        [--gradients explicit|autograd] [--no-prefetch] [--dim 640]
 
 Step timings include everything the training loop does per step: episode sampling, noise
 drawing, forward, backward and update.
@@ -109,6 +109,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100, help="timed steps per measurement")
     ap.add_argument("--eager", action="store_true", help="time the eager path, not compiled")
     ap.add_argument(
+        "--dim", type=int, default=640, help="embedding dim (640: the paper's; 128: Omniglot's)"
+    )
+    ap.add_argument(
         "--gradients",
         choices=("explicit", "autograd"),
         default="explicit",
@@ -130,10 +133,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    train = synthetic_split(64, 600, 640, noise=0.05, seed=0).to(device)
-    test = synthetic_split(20, 600, 640, noise=0.05, seed=1, split="test").to(device)
+    train = synthetic_split(64, 600, args.dim, noise=0.05, seed=0).to(device)
+    test = synthetic_split(20, 600, args.dim, noise=0.05, seed=1, split="test").to(device)
     out = {
-        "what": "SYNTHETIC embeddings of the miniImageNet shape (speed only)",
+        "what": f"SYNTHETIC {args.dim}-d embeddings, miniImageNet's split sizes (speed only)",
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
