@@ -24,8 +24,8 @@ Forward (what :func:`forward` keeps for the reverse pass; s = latent step, f = f
 
 Reverse: the vector-Jacobian product of each line, in reverse order. Two pieces recur:
 :func:`_support_grad_vjp` (the softmax Jacobian: the second-order part of a support-loss
-step) and the decoder's products. Weight gradients are sums of outer products over steps;
-their factors are gathered and multiplied once per weight at the end (:class:`_Outer`).
+step) and the decoder's products. Weight gradients are sums of outer products over steps,
+each added in place as it appears (:class:`_Outer`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,14 @@ import torch
 from torch import Tensor
 
 from leo.config import LEOConfig
-from leo.model import STD_FLOOR, Params, decoder_std_offset, positive
+from leo.model import (
+    STD_FLOOR,
+    STEP_SIZE_NAMES,
+    Params,
+    decoder_std_offset,
+    l2_penalty,
+    positive,
+)
 
 Noise = dict[str, Tensor]
 
@@ -92,19 +99,22 @@ class _Decoded:
     sek: Tensor | None
 
 
+def _std_and_slope(raw: Tensor, offset: float) -> tuple[Tensor, Tensor]:
+    """std = max(exp(raw) - (1 - offset), 1e-10) and d std / d raw = exp(raw) [t >= 1e-10]
+    (the clamp's derivative). The mask is made by arithmetic (leo.model.positive): a CPU
+    comparison to bool costs several times more than the whole expression."""
+    e = torch.exp(raw)
+    t = e - (1.0 - offset)
+    return t.clamp_min(STD_FLOOR), e * (1.0 - positive(STD_FLOOR - t))
+
+
 def _decode(z: Tensor, w_mu: Tensor, w_raw: Tensor, eps: Tensor | None, offset: float):
     zbar = z.mean(dim=2)
     w_bar = zbar @ w_mu
     if eps is None:
         return _Decoded(z, zbar, w_bar, None)
-    e = torch.exp(z @ w_raw)
-    t = e - (1.0 - offset)
-    # std = max(t, 1e-10); its derivative passes where t >= 1e-10 (as the clamp's). The mask
-    # is made by arithmetic (leo.model.positive): a CPU comparison to bool costs several times
-    # more than the whole expression.
-    kept = 1.0 - positive(STD_FLOOR - t)
-    w_bar = w_bar + (t.clamp_min(STD_FLOOR) * eps).mean(dim=2)
-    return _Decoded(z, zbar, w_bar, eps * e * kept)
+    std, slope = _std_and_slope(z @ w_raw, offset)
+    return _Decoded(z, zbar, w_bar + (std * eps).mean(dim=2), eps * slope)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -215,16 +225,13 @@ def forward(
         mu, raw = stats[..., :zdim], stats[..., zdim:]
         tape.xe, tape.codes, tape.h1, tape.h2, tape.hc = xe, c, h1, h2, hc
         if stochastic:
-            er = torch.exp(raw)
-            t = er - 1.0
-            kept = 1.0 - positive(STD_FLOOR - t)
-            std = t.clamp_min(STD_FLOOR)
+            std, slope = _std_and_slope(raw, 0.0)
             eps = noise["z_eps"]
             z0 = mu[:, :, None, :] + std[:, :, None, :] * eps
             kl = (-0.5 * eps.square() - torch.log(std)[:, :, None, :] + 0.5 * z0.square()).mean(
                 dim=(1, 2, 3)
             )
-            tape.z_std, tape.z_dstd, tape.z_eps = std, er * kept, eps
+            tape.z_std, tape.z_dstd, tape.z_eps = std, slope, eps
         else:
             z0 = mu[:, :, None, :].expand(b, n, k, zdim)
             kl = zero
@@ -285,7 +292,7 @@ def forward(
     orth, tape.d_orth = _orthogonality(params["decoder.0"])
     loss = (
         per_episode.mean()
-        + cfg.l2_penalty_weight * _l2(params)
+        + cfg.l2_penalty_weight * l2_penalty(params)
         + cfg.orthogonality_penalty_weight * orth
     )
     metrics = {
@@ -295,13 +302,6 @@ def forward(
         "accuracy": accuracy.mean(),
     }
     return loss, metrics, tape
-
-
-def _l2(params: Params) -> Tensor:
-    return sum(0.5 * v.square().sum() for k, v in params.items() if k not in _STEP_SIZES)
-
-
-_STEP_SIZES = ("inner_lr", "finetune_lr")
 
 
 def _orthogonality(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -374,8 +374,9 @@ def backward(params: Params, tape: Tape, cfg: LEOConfig) -> dict[str, Tensor]:
 
     # 10: the regularisers.
     l2 = cfg.l2_penalty_weight
-    for name in ("encoder.0", "relation.0", "relation.1", "relation.2", "decoder.0"):
-        grads[name] = grads[name] + l2 * params[name]
+    for name in params:
+        if name not in STEP_SIZE_NAMES:  # L2 = sum(w^2) / 2 over the network weights
+            grads[name] = grads[name] + l2 * params[name]
     grads["decoder.0"] = grads["decoder.0"] + cfg.orthogonality_penalty_weight * tape.d_orth
     return {name: grads[name] for name in params}
 
