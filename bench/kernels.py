@@ -6,7 +6,7 @@ Prints one JSON object: milliseconds per call, compiled (torch.compile, CPU) and
   (12 episodes x 25 x 25 pairs x 128), returning its mask as bool or as float32;
 - ``relation``: the forward and backward of the relation network's two ReLU layers on the
   same shapes, with ``F.relu`` (the compiler saves a boolean mask for the backward) and
-  with :func:`leo.model.relu` (a float mask; identical values and gradients).
+  with :func:`leo.core.model.relu` (a float mask; identical values and gradients).
 
     python bench/kernels.py [--threads 1] [--repeats 50]
 """
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from leo.model import relu  # noqa: E402
+from leo.core.model import relu  # noqa: E402
 
 B, NK, H = 12, 25, 128  # mini-5shot: 12 episodes, 5 x 5 codes, 2 x 64 relation width
 
@@ -78,7 +78,7 @@ def main() -> None:
                 "compiled_ms": _ms(lambda c=compiled: c(a, b), args.repeats),
             }
     grads = {}
-    for name, act in (("F.relu", F.relu), ("leo.model.relu", relu)):
+    for name, act in (("F.relu", F.relu), ("leo.core.model.relu", relu)):
         fn = relation_block(act)
         compiled = torch.compile(fn)
 

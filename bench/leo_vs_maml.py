@@ -28,18 +28,18 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from leo.baselines import nearest_mean_cosine  # noqa: E402
-from leo.config import make_config  # noqa: E402
-from leo.evaluate import eval_sampler, evaluate_classifier, leo_classifier  # noqa: E402
-from leo.maml import (  # noqa: E402
+from leo.comparison.baselines import nearest_mean_cosine  # noqa: E402
+from leo.comparison.maml import (  # noqa: E402
     load_maml_checkpoint,
     make_maml_config,
     maml_classifier,
     maml_train,
 )
-from leo.stats import paired_difference  # noqa: E402
-from leo.store import read_embeddings  # noqa: E402
-from leo.train import load_checkpoint, meta_train  # noqa: E402
+from leo.comparison.stats import paired_difference  # noqa: E402
+from leo.core.config import make_config  # noqa: E402
+from leo.data.store import read_embeddings  # noqa: E402
+from leo.meta.evaluate import eval_sampler, evaluate_classifier, leo_classifier  # noqa: E402
+from leo.meta.train import load_checkpoint, meta_train  # noqa: E402
 
 SHARED = ("num_shots", "num_steps", "validate_every", "val_batches", "val_batch_size", "seed")
 

@@ -35,12 +35,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from leo import explicit  # noqa: E402
-from leo.config import make_config  # noqa: E402
-from leo.episodes import EpisodeSampler  # noqa: E402
-from leo.model import init_params  # noqa: E402
-from leo.noise import draw_noise  # noqa: E402
-from leo.synthetic import synthetic_split  # noqa: E402
+from leo.core import explicit  # noqa: E402
+from leo.core.config import make_config  # noqa: E402
+from leo.core.model import init_params  # noqa: E402
+from leo.core.noise import draw_noise  # noqa: E402
+from leo.data.synthetic import synthetic_split  # noqa: E402
+from leo.meta.episodes import EpisodeSampler  # noqa: E402
 
 aten = torch.ops.aten
 GEMMS = {aten.mm, aten.bmm, aten.addmm, aten.addmm_, aten.baddbmm}

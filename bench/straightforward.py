@@ -1,6 +1,6 @@
 """A straightforward batched second-order eager LEO step: the comparator of the benchmark.
 
-The same math as :mod:`leo.model` (REFERENCE.md points 1-11), written the obvious way:
+The same math as :mod:`leo.core.model` (docs/model.md, points 1-11), written the obvious way:
 batched tensors with a leading episode dimension, the relation MLP on every pair, the
 logits of every weight sample, inner gradients by ``torch.autograd.grad(create_graph=True)``
 and ``torch.optim.Adam``. No vmap, no closed forms, no compilation.
@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from leo.config import LEOConfig
+from leo.core.config import LEOConfig
 
 
 def _mlp(x, ws):

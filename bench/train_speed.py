@@ -30,15 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from straightforward import StraightforwardStep  # noqa: E402
 
-from leo.batched import MetaStep  # noqa: E402
-from leo.config import make_config  # noqa: E402
-from leo.episodes import EpisodeSampler  # noqa: E402
-from leo.evaluate import evaluate  # noqa: E402
-from leo.model import init_params  # noqa: E402
-from leo.noise import draw_noise  # noqa: E402
-from leo.optim import Adam  # noqa: E402
-from leo.prefetch import Prefetcher  # noqa: E402
-from leo.synthetic import synthetic_split  # noqa: E402
+from leo.core.config import make_config  # noqa: E402
+from leo.core.model import init_params  # noqa: E402
+from leo.core.noise import draw_noise  # noqa: E402
+from leo.core.optim import Adam  # noqa: E402
+from leo.core.step import MetaStep  # noqa: E402
+from leo.data.synthetic import synthetic_split  # noqa: E402
+from leo.meta.episodes import EpisodeSampler  # noqa: E402
+from leo.meta.evaluate import evaluate  # noqa: E402
+from leo.meta.prefetch import Prefetcher  # noqa: E402
 
 
 def _sync(device):
@@ -58,7 +58,7 @@ def bench_leo(preset, split, device, steps, compile_, prefetch, gradients):
         xs, xq, _ = sampler.sample(cfg.batch_size, gen)
         return xs, xq, draw_noise(cfg, cfg.batch_size, 15, split.dim, gen)
 
-    with Prefetcher(draw, (gen,), enabled=prefetch) as batches:  # as leo.train does
+    with Prefetcher(draw, (gen,), enabled=prefetch) as batches:  # as leo.meta.train does
 
         def one():
             return step(params, opt, *next(batches).batch)
@@ -121,7 +121,7 @@ def main() -> None:
         "--no-prefetch",
         action="store_true",
         help="draw episodes and noise in the training thread (default: on a second thread, "
-        "as leo.train does)",
+        "as leo.meta.train does)",
     )
     ap.add_argument(
         "--threads",

@@ -2,12 +2,13 @@
 
 Inputs are the files the stages leave under ``reports/``: the source metrics (the pretrain
 stage's ``backbone_heldout_accuracy`` ..., or an ``import_published`` summary), and per
-meta-training run ``reports/metatrain/<run>/{metrics.json,history.csv}`` and
+meta-training run its DVCLive log ``reports/metatrain/<run>/`` (``metrics.json`` and one
+``plots/metrics/<name>.tsv`` per history column, :mod:`leo.utils.live`) and
 ``reports/evaluate/<run>/metrics.json``. :func:`aggregate` turns them into one JSON object:
 
 .. code-block:: text
 
-    {"backbone": {"heldout_accuracy", "wall_seconds"}   # or "published": {...}
+    {"backbone": {"heldout_accuracy", "wall_seconds"}   # or "published" / "embeddings"
      "<run>": {"num_shots", "best_val_accuracy", "best_step", "steps", "test_accuracy",
                "test_ci95", "test_episodes", "metatrain_seconds", "evaluate_seconds"},
      "wall_seconds": the timed stages' wall times summed (source, meta-training, evaluation)}
@@ -17,7 +18,6 @@ Plots are drawn headless (matplotlib's Agg backend), one PNG per quantity, a lin
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections.abc import Mapping
@@ -29,15 +29,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from leo.atomic import atomic_path  # noqa: E402
-from leo.errors import LeoInputError  # noqa: E402
+from leo.utils.atomic import atomic_path  # noqa: E402
+from leo.utils.errors import LeoInputError  # noqa: E402
+from leo.utils.live import read_logged  # noqa: E402
 
 PLOTS = ("loss.png", "accuracy.png", "step_sizes.png")
-HISTORY_COLUMNS = (
-    "step",
+HISTORY_COLUMNS = (  # what the metatrain stage logs per validation (besides the step)
     "train_loss",
     "train_accuracy",
     "val_accuracy",
+    "val_ci95",
     "inner_lr_mean",
     "finetune_lr_mean",
 )
@@ -57,20 +58,16 @@ def read_json(path: str | Path) -> dict[str, Any]:
     return obj
 
 
-def read_history(path: str | Path) -> list[dict[str, float]]:
-    """Rows of a meta-training ``history.csv`` as floats (columns of ``leo.train``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise LeoInputError(f"{path}: not found (run the metatrain stage)")
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in HISTORY_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise LeoInputError(f"{path}: missing column(s) {', '.join(missing)}")
-        try:
-            return [{k: float(v) for k, v in row.items()} for row in reader]
-        except (TypeError, ValueError):
-            raise LeoInputError(f"{path}: a non-numeric value") from None
+def read_history(live_dir: str | Path) -> list[dict[str, float]]:
+    """A meta-training run's history from its DVCLive log directory, one row per validation.
+
+    Returns:
+        ``[{"step", *HISTORY_COLUMNS}]`` as floats, in step order.
+
+    Raises:
+        LeoInputError: a column's file is missing or malformed, naming it.
+    """
+    return read_logged(live_dir, HISTORY_COLUMNS)
 
 
 def _number(obj: Mapping[str, Any], key: str, where: str) -> float:
@@ -80,19 +77,35 @@ def _number(obj: Mapping[str, Any], key: str, where: str) -> float:
     return value
 
 
+SOURCE_KEYS = ("dataset", "view", "feature_dim", "train_rows", "val_rows", "test_rows")
+
+
 def source_summary(source: Mapping[str, Any], where: str) -> tuple[str, dict[str, Any]]:
-    """(name, metrics) of the embeddings' source: the backbone, or the published features."""
+    """(name, metrics) of the embeddings' source.
+
+    Three kinds: the pipeline's backbone (``backbone_heldout_accuracy``, ``wall_seconds``);
+    the published features (``{"source": "published", ...}`` from ``import_published``); or
+    embeddings a user made (``{"source": "<what made them>", "dataset"?, "feature_dim"?,
+    "<split>_rows"?, "wall_seconds"?}``, see ``docs/own-embeddings.md``).
+    """
     if "backbone_heldout_accuracy" in source:
         return "backbone", {
             "heldout_accuracy": _number(source, "backbone_heldout_accuracy", where),
             "wall_seconds": _number(source, "wall_seconds", where),
         }
     if source.get("source") == "published":
-        keys = ("dataset", "view", "feature_dim", "train_rows", "val_rows", "test_rows")
-        return "published", {k: source[k] for k in keys if k in source} | {
+        return "published", {k: source[k] for k in SOURCE_KEYS if k in source} | {
             "wall_seconds": _number(source, "wall_seconds", where)
         }
-    raise LeoInputError(f"{where}: neither backbone metrics nor a published-import summary")
+    if isinstance(source.get("source"), str) and source["source"]:
+        seconds = _number(source, "wall_seconds", where) if "wall_seconds" in source else 0.0
+        return "embeddings", {"source": source["source"]} | {
+            k: source[k] for k in SOURCE_KEYS if k in source
+        } | {"wall_seconds": seconds}
+    raise LeoInputError(
+        f"{where}: neither backbone metrics, a published-import summary, nor a "
+        '{"source": ...} description of your own embeddings'
+    )
 
 
 def run_summary(metatrain: Mapping[str, Any], evaluation: Mapping[str, Any], run: str) -> dict:
@@ -172,6 +185,12 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
         lines.append(
             f"Published embeddings: {p.get('dataset', '?')} / {p.get('view', '?')} "
             f"({p.get('feature_dim', '?')}-d)."
+        )
+    elif "embeddings" in report:
+        e = report["embeddings"]
+        lines.append(
+            f"Own embeddings: {e['source']} ({e.get('dataset', '?')}, "
+            f"{e.get('feature_dim', '?')}-d)."
         )
     total = report.get("wall_seconds", float("nan"))
     lines += ["", f"Wall time of the timed stages (source, meta-train, evaluate): {total:.0f} s."]

@@ -10,11 +10,13 @@ With published embeddings, ``targets=["report"]`` runs ``import_published@<name>
 of the first four. Tasks run one at a time (DVC holds a repository lock) and a file
 lock in ``.dvc/tmp`` makes concurrent flow runs on one checkout wait for each other.
 
-Flow parameters reach the stages as DVC parameters: before any stage runs, the flow writes
-them into ``params.yaml`` (:mod:`pipeline.params_file`: in-place edits of the values, written
-atomically, only when a value changes), so the workspace afterwards holds exactly the params
-its ``dvc.lock`` and metrics were made with, ready to ``git commit`` and to compare with
-``dvc metrics diff``.
+Flow parameters reach the stages as DVC parameters: before any stage runs, the flow applies
+them to ``params.yaml`` (:mod:`pipeline.params_file`: ruamel.yaml's round trip, so comments and
+layout stay), validates the result as every stage would (:mod:`leo.settings`) and only then
+writes it, atomically. A run that completes leaves the workspace with exactly the params its
+``dvc.lock`` and metrics were made with, ready to ``git commit`` and to compare with ``dvc
+metrics diff``; a run that fails puts ``params.yaml`` back as it found it, so the next run
+starts from the same file.
 
 Run it once in-process with ``python -m pipeline.flow``; serve it as deployment
 ``leo/full`` with ``python -m pipeline.serve``.
@@ -37,7 +39,11 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pipeline.params_file import write_params
+from leo.settings import parse_settings, read_yaml
+from leo.utils.atomic import write_text
+from leo.utils.errors import LeoInputError
+from pipeline.params_file import edited
+from pipeline.remote import check_remote, push_outputs, repro_args
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET_FAMILIES = ("default", "mini", "tiered")
@@ -70,6 +76,7 @@ def param_updates(
     preset: str | None = None,
     embeddings: str | None = None,
     extra: dict[str, Any] | None = None,
+    population: int | None = None,
 ) -> dict[str, Any]:
     """The dotted ``params.yaml`` keys the flow parameters ask for.
 
@@ -77,15 +84,16 @@ def param_updates(
         params: the current ``params.yaml`` content.
         dataset: ``base.dataset``.
         preset: ``default``, ``mini`` or ``tiered`` (each run gets ``<family>-<K>shot``,
-            K its ``num_shots``), or one preset name of ``leo.config.PRESETS`` for every run.
+            K its ``num_shots``), or one preset name of ``leo.core.config.PRESETS`` for every run.
         embeddings: ``pipeline`` (from raw images) or the name of a ``published.imports``
             entry; sets ``embeddings.dir`` and ``embeddings.metrics``.
         extra: more ``{"dotted.key": value}`` pairs, as ``dvc exp run --set-param``.
+        population: trials of every hyperparameter search (``tune.runs.<run>.population``).
 
     Raises:
-        ValueError: an unknown preset or published entry.
+        ValueError: an unknown preset or published entry, or a population without searches.
     """
-    from leo.config import PRESETS
+    from leo.core.config import PRESETS
 
     updates: dict[str, Any] = {}
     if dataset is not None:
@@ -116,6 +124,12 @@ def param_updates(
                 f"embeddings must be 'pipeline' or an entry of published.imports, "
                 f"got {embeddings!r}"
             )
+    if population is not None:
+        searches = (params.get("tune") or {}).get("runs") or {}
+        if not searches:
+            raise ValueError("population given but params.yaml has no tune.runs to apply it to")
+        for run in searches:
+            updates[f"tune.runs.{run}.population"] = population
     updates.update(extra or {})
     return updates
 
@@ -173,8 +187,31 @@ def repo_lock(repo: Path) -> Iterator[None]:
 
 
 @task(name="dvc-stage", task_run_name="dvc repro {stage}")
-def run_stage(stage: str, repo: str, env: dict[str, str], force: bool = False) -> str:
-    """Run one DVC stage (``dvc repro --single-item``), streaming its output to the logger.
+def run_stage(
+    stage: str,
+    repo: str,
+    env: dict[str, str],
+    force: bool = False,
+    pull: str | None = None,
+    push: str | None = None,
+) -> str:
+    """Run one DVC stage (:func:`repro_stage`), streaming its output to the run's logger."""
+    return repro_stage(stage, repo, env, get_run_logger(), force, pull, push)
+
+
+def repro_stage(
+    stage: str,
+    repo: str,
+    env: dict[str, str],
+    logger: Any,
+    force: bool = False,
+    pull: str | None = None,
+    push: str | None = None,
+) -> str:
+    """Run one DVC stage (``dvc repro --single-item``), streaming its output to ``logger``.
+
+    With ``pull`` (a DVC remote), first pull what the stage reads if it is going to run;
+    with ``push``, push its outputs after it ran (:mod:`pipeline.remote`).
 
     Returns:
         ``"skipped"`` when DVC found the stage unchanged, else ``"ran"``.
@@ -182,8 +219,9 @@ def run_stage(stage: str, repo: str, env: dict[str, str], force: bool = False) -
     Raises:
         RuntimeError: DVC or the stage failed (the task fails, and with it the flow).
     """
-    logger = get_run_logger()
-    cmd = [_bin("dvc"), "repro", "--single-item", *(["--force"] if force else []), stage]
+    dvc = _bin("dvc")
+    args = repro_args(Path(repo), stage, pull=pull, force=force, log=logger.info, dvc=dvc, env=env)
+    cmd = [dvc, *args]
     logger.info("$ dvc %s", " ".join(cmd[1:]))
     skipped = False
     tail: list[str] = []
@@ -208,18 +246,38 @@ def run_stage(stage: str, repo: str, env: dict[str, str], force: bool = False) -
         raise RuntimeError(
             f"dvc repro {stage} failed (exit {proc.returncode}): " + " | ".join(tail[-3:])
         )
+    if push is not None and (not skipped or pull is None):  # pulled-from stages lack data
+        logger.info("%s: dvc push: %s", stage, push_outputs(Path(repo), stage, push, dvc, env))
     return "skipped" if skipped else "ran"
 
 
+def prepare_params(root: Path, updates: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """``params.yaml`` with the flow's ``updates``, validated before anything is written.
+
+    Returns:
+        (the file's current text, the edited text, ``{key: (old, new)}`` of what changes).
+
+    Raises:
+        LeoInputError: the edited params are invalid (one line naming the key); the file is
+            left untouched.
+    """
+    path = root / "params.yaml"
+    original = path.read_text()
+    try:
+        new_text, changed, doc = edited(original, updates, str(path))
+    except KeyError as err:
+        raise LeoInputError(str(err.args[0])) from None
+    parse_settings(doc, f"{path} (with the flow's parameters)")
+    return original, new_text, changed
+
+
 @task(name="set-params")
-def set_params(repo: str, updates: dict[str, Any]) -> dict[str, list[Any]]:
-    """Write the flow's parameters into ``params.yaml``; returns what changed."""
+def set_params(repo: str, text: str, changed: dict[str, Any]) -> dict[str, list[Any]]:
+    """Write the flow's (validated) parameters into ``params.yaml``; returns what changed."""
     logger = get_run_logger()
-    changed = write_params(Path(repo) / "params.yaml", updates)
+    write_text(Path(repo) / "params.yaml", text)
     for key, (old, new) in changed.items():
         logger.info("params.yaml: %s: %r -> %r", key, old, new)
-    if not changed:
-        logger.info("params.yaml: unchanged")
     return {k: list(v) for k, v in changed.items()}
 
 
@@ -250,6 +308,10 @@ def leo_flow(
     targets: list[str] | None = None,
     force: bool = False,
     repo: str | None = None,
+    pull: bool = False,
+    push: bool = False,
+    remote: str | None = None,
+    population: int | None = None,
 ) -> dict[str, Any]:
     """Reproduce the LEO pipeline up to ``reports/metrics.json`` with DVC, one stage per task.
 
@@ -265,36 +327,68 @@ def leo_flow(
             (e.g. ``["report"]``); None: every stage, as ``dvc repro``.
         force: rerun every stage even if DVC finds it unchanged.
         repo: the DVC project (default: the checkout holding this file).
+        pull: before each stage that is going to run, ``dvc pull`` the outputs of other
+            stages it reads (a machine sharing the pipeline with others, docs/distributed.md).
+        push: after each stage that ran, ``dvc push`` its outputs.
+        remote: the DVC remote of ``pull``/``push`` (default: the default remote); checked
+            to be reachable before anything runs.
+        population: trials of the hyperparameter searches (``tune.runs.<run>.population``
+            of every ``tune@<run>``, at least 2); None keeps them.
 
     Returns:
         The report's metrics (``reports/metrics.json``), or ``{}`` when ``targets`` leave
         out the report stage.
     """
-    import yaml
-
     root = Path(repo).resolve() if repo else REPO
     logger = get_run_logger()
     env = stage_env(data_dir)
     with repo_lock(root):
-        current = yaml.safe_load((root / "params.yaml").read_text())
-        updates = param_updates(
-            current, dataset=dataset, preset=preset, embeddings=embeddings, extra=params
-        )
-        if updates:
-            set_params(str(root), updates)
-        stages = pipeline_stages(root, targets, env=env)
-        logger.info("stages: %s", ", ".join(stages))
-        status = {}
-        for stage in stages:
-            retries = 2 if stage == "download" else 0
-            status[stage] = run_stage.with_options(retries=retries, retry_delay_seconds=10)(
-                stage, str(root), env, force
+        current = read_yaml(root / "params.yaml")
+        try:
+            updates = param_updates(
+                current,
+                dataset=dataset,
+                preset=preset,
+                embeddings=embeddings,
+                extra=params,
+                population=population,
             )
-        logger.info("ran: %s", ", ".join(s for s, v in status.items() if v == "ran") or "none")
-        if "report" not in stages:
-            logger.info("the report stage was not among the targets: no metrics to publish")
-            return {}
-        return publish_metrics(str(root))
+        except ValueError as err:
+            raise LeoInputError(f"flow parameters: {err}") from None
+        sync = None
+        if pull or push:  # an unreachable remote stops the run before anything is written
+            sync = check_remote(root, remote, pull=pull, push=push, env=env)
+        original, new_text, changed = prepare_params(root, updates)
+        if changed:
+            set_params(str(root), new_text, changed)
+        try:
+            remotes = (sync if pull else None, sync if push else None)
+            return _run_stages(root, targets, env, force, logger, remotes)
+        except BaseException:
+            if changed:  # leave params.yaml as this run found it
+                write_text(root / "params.yaml", original)
+                logger.error("the run failed: params.yaml restored to what it was before it")
+            raise
+
+
+def _run_stages(
+    root: Path, targets, env, force: bool, logger, remotes=(None, None)
+) -> dict[str, Any]:
+    """Every stage ``dvc repro [targets]`` would consider, one task each, then the metrics
+    (``remotes``: the remote to pull from and the one to push to, or None)."""
+    stages = pipeline_stages(root, targets, env=env)
+    logger.info("stages: %s", ", ".join(stages))
+    status = {}
+    for stage in stages:
+        retries = 2 if stage == "download" else 0
+        status[stage] = run_stage.with_options(retries=retries, retry_delay_seconds=10)(
+            stage, str(root), env, force, *remotes
+        )
+    logger.info("ran: %s", ", ".join(s for s, v in status.items() if v == "ran") or "none")
+    if "report" not in stages:
+        logger.info("the report stage was not among the targets: no metrics to publish")
+        return {}
+    return publish_metrics(str(root))
 
 
 if __name__ == "__main__":

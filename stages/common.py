@@ -1,8 +1,10 @@
-"""What every stage shares: reading its section of ``params.yaml`` and failing in one line.
+"""What every stage shares: the validated ``params.yaml``, its flags, failing in one line.
 
-Each stage is ``python -m stages.<name>``: it reads ``base`` plus its own section, calls
-into the ``leo`` package, and on bad input prints ``error: <one line>`` to stderr and exits 2
-(nothing half-written: the package writes atomically).
+Each stage is ``python -m stages.<name>``: it reads the whole ``params.yaml`` through
+:func:`settings` (every section is validated before anything runs, so a bad key anywhere
+stops every stage), calls into the ``leo`` package, and on bad input prints
+``error: <one line>`` to stderr and exits 2 (nothing half-written: the package writes
+atomically).
 """
 
 from __future__ import annotations
@@ -13,65 +15,29 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from leo.errors import LeoInputError
-
-PARAMS_FILE = Path(os.environ.get("LEO_PARAMS", "params.yaml"))
+from leo.settings import Settings, load_settings, params_path
+from leo.utils.errors import LeoInputError
 
 
-def load_params(section: str, path: str | Path | None = None) -> dict[str, Any]:
-    """Return ``{"base": ..., **params[section]}`` from ``params.yaml``.
-
-    Raises:
-        LeoInputError: the file is missing or not YAML, or a section is missing.
-    """
-    path = Path(path) if path is not None else PARAMS_FILE
-    if not path.is_file():
-        raise LeoInputError(f"{path}: params file not found")
-    try:
-        params = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise LeoInputError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(params, dict):
-        raise LeoInputError(f"{path}: expected a mapping at the top level")
-    for key in ("base", section):
-        if not isinstance(params.get(key), dict):
-            raise LeoInputError(f"{path}: missing or malformed section '{key}'")
-    _apply_cpu_threads(params["base"], path)
-    return {"base": params["base"], **params[section]}
-
-
-def _apply_cpu_threads(base: dict[str, Any], path: Path) -> None:
-    """Set torch's CPU intra-op threads from ``base.cpu_threads`` (0 or absent: torch's default).
-
-    On a 2-core machine the small kernels of LEO run several times slower with 2 OpenMP
-    threads as soon as anything else uses the CPU, so the default params say 1.
-    """
-    threads = base.get("cpu_threads", 0)
-    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
-        raise LeoInputError(f"{path}: key 'base.cpu_threads' must be an integer >= 0")
+@functools.cache
+def settings() -> Settings:
+    """``params.yaml`` (or ``$LEO_PARAMS``), validated; sets torch's CPU threads from
+    ``base.cpu_threads`` (0: torch's default) without importing torch for stages that do
+    not need it (torch reads ``OMP_NUM_THREADS`` when it starts)."""
+    loaded = load_settings()
+    threads = loaded.base.cpu_threads
     if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
-def require(params: dict[str, Any], key: str, kind: type | tuple[type, ...], section: str) -> Any:
-    """Return ``params[key]`` if it has type ``kind``, else raise naming ``section.key``."""
-    if key not in params:
-        raise LeoInputError(f"{PARAMS_FILE}: missing key '{section}.{key}'")
-    value = params[key]
-    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
-        names = "/".join(t.__name__ for t in _as_tuple(kind))
-        raise LeoInputError(f"{PARAMS_FILE}: key '{section}.{key}' must be {names}, got {value!r}")
-    return value
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
+        else:
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+    return loaded
 
 
-def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
-    return kind if isinstance(kind, tuple) else (kind,)
+def where() -> str:
+    """The params file's name, for messages."""
+    return str(params_path())
 
 
 def stage_main(fn: Callable[[], None]) -> Callable[[], None]:
@@ -104,3 +70,11 @@ def parse_run_args(stage: str, description: str | None, splits: str) -> argparse
         help=f"directory of {splits} (default: data/embeddings)",
     )
     return parser.parse_args()
+
+
+# Where the stages read and write (dvc.yaml declares the same paths).
+PREPARED = Path("data/prepared")
+METATRAIN = Path("data/metatrain")
+EVALUATE = Path("data/evaluate")
+COMPARE = Path("data/compare")
+REPORTS = Path("reports")

@@ -1,11 +1,11 @@
-"""Stage ``compare@<run>``: every method of :mod:`leo.methods` on the run's test episodes.
+"""Stage ``compare@<run>``: every method of :mod:`leo.comparison.methods` on the test episodes.
 
 Usage: ``python -m stages.compare RUN [--embeddings DIR]``. Reads ``compare`` from
 ``params.yaml`` plus the run's LEO config (``metatrain``, as ``stages.metatrain``) and the
 test episodes' ``seed`` and ``batch_size`` (``evaluate``). Keys of ``compare``:
 
 - ``device``: auto | cpu | cuda;
-- ``methods``: names of :data:`leo.methods.METHODS` (must include ``leo``);
+- ``methods``: names of :data:`leo.comparison.methods.METHODS` (must include ``leo``);
 - ``train_steps``, ``validate_every``: outer steps and validation interval of the trained
   ablations and MAML (null: the run's own, as plain LEO was trained);
 - ``maml``: MAMLConfig overrides for every run (e.g. ``inner_lr``), and ``maml_runs.RUN``:
@@ -17,7 +17,8 @@ test episodes' ``seed`` and ``batch_size`` (``evaluate``). Keys of ``compare``:
 
 Reads ``data/metatrain/RUN/best.pt`` (plain LEO, not retrained) and
 ``DIR/{train,val,test}.parquet``; writes ``data/compare/RUN/`` (trained methods'
-checkpoints, per-episode accuracies) and ``reports/compare/RUN/`` (see :mod:`leo.compare`).
+checkpoints, per-episode accuracies) and ``reports/compare/RUN/`` (see
+:mod:`leo.comparison.compare`).
 """
 
 from __future__ import annotations
@@ -25,96 +26,71 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from leo.compare import CompareSettings, compare
-from leo.errors import LeoInputError
-from leo.store import read_embeddings
-from stages.common import PARAMS_FILE, load_params, parse_run_args, require, stage_main
-from stages.metatrain import OUT as METATRAIN_OUT
-from stages.metatrain import resolve_device, run_config
+from leo.comparison.compare import CompareSettings, compare
+from leo.comparison.methods import TUNED
+from leo.data.store import check_disjoint_classes, read_embeddings
+from leo.settings import Settings
+from leo.tune.outputs import read_best
+from leo.tune.space import apply
+from leo.utils.device import resolve_device
+from leo.utils.errors import LeoInputError
+from stages.common import COMPARE, METATRAIN, REPORTS, parse_run_args, settings, stage_main, where
 
-OUT = Path("data/compare")
-REPORTS = Path("reports/compare")
-KEYS = {
-    "base",
-    "device",
-    "methods",
-    "train_steps",
-    "validate_every",
-    "maml",
-    "maml_runs",
-    "num_episodes",
-    "ensemble_episodes",
-    "noise_seed",
-    "figure_episodes",
-    "figure_iterations",
-}
+TUNE = Path("data/tune")
 
 
-def _count(params: dict[str, Any], key: str, minimum: int, nullable: bool = False) -> int | None:
-    """``compare.<key>``: an int >= ``minimum`` (or null when ``nullable``)."""
-    if nullable and params.get(key, 0) is None:
-        return None
-    value = require(params, key, int, "compare")
-    if value < minimum:
-        raise LeoInputError(f"{PARAMS_FILE}: key 'compare.{key}' must be >= {minimum}, got {value}")
-    return value
+def tuned_values(params: Settings, run: str) -> dict[str, Any]:
+    """``tune@<run>``'s hyperparameters (``data/tune/<run>/best.yaml``); {} without a search."""
+    return read_best(TUNE / run / "best.yaml") if run in params.tune.runs else {}
 
 
-def settings(params: dict[str, Any], evaluate: dict[str, Any], run: str) -> CompareSettings:
-    """``load_params("compare")``, ``load_params("evaluate")`` and the run's name ->
-    :class:`CompareSettings`."""
-    unknown = sorted(set(params) - KEYS)
-    if unknown:
-        raise LeoInputError(f"{PARAMS_FILE}: unknown key 'compare.{unknown[0]}'")
-    methods = require(params, "methods", list, "compare")
-    maml = dict(require(params, "maml", dict, "compare"))
-    per_run = require(params, "maml_runs", dict, "compare")
-    if run in per_run:
-        maml.update(require(per_run, run, dict, "compare.maml_runs"))
-    episodes = _count(params, "num_episodes", 1, nullable=True)
-    if episodes is None:
-        episodes = require(evaluate, "num_episodes", int, "evaluate")
-    values = {
-        "train_steps": _count(params, "train_steps", 1, nullable=True),
-        "validate_every": _count(params, "validate_every", 1, nullable=True),
-        "maml": maml,
-        "num_episodes": episodes,
-        "batch_size": require(evaluate, "batch_size", int, "evaluate"),
-        "seed": require(evaluate, "seed", int, "evaluate"),
-        "ensemble_episodes": _count(params, "ensemble_episodes", 0),
-        "noise_seed": require(params, "noise_seed", int, "compare"),
-        "figure_episodes": _count(params, "figure_episodes", 0),
-        "figure_iterations": _count(params, "figure_iterations", 1),
-    }
-    try:
-        return CompareSettings(methods=tuple(methods), **values)
-    except LeoInputError as err:
-        raise LeoInputError(f"{PARAMS_FILE}: compare.methods: {err}") from None
+def compare_settings(params: Settings, run: str) -> CompareSettings:
+    """The validated ``compare`` and ``evaluate`` sections -> :class:`CompareSettings`.
+
+    ``leo-pbt`` is left out for a run without a search, and for a run meta-trained with
+    its tuned values (``from_tune``: then ``leo`` is the tuned LEO)."""
+    opts, ev = params.compare, params.evaluate
+    tuned = tuned_values(params, run)
+    keep_tuned = bool(tuned) and not params.from_tune(run)
+    return CompareSettings(
+        methods=tuple(m for m in opts.methods if m != TUNED or keep_tuned),
+        tuned=tuned,
+        train_steps=opts.train_steps,
+        validate_every=opts.validate_every,
+        maml=params.maml_overrides(run),
+        num_episodes=opts.num_episodes or ev.num_episodes,
+        batch_size=ev.batch_size,
+        seed=ev.seed,
+        ensemble_episodes=opts.ensemble_episodes,
+        noise_seed=opts.noise_seed,
+        figure_episodes=opts.figure_episodes,
+        figure_iterations=opts.figure_iterations,
+    )
 
 
-def run(
-    run_name: str,
-    params: dict[str, Any],
-    metatrain: dict[str, Any],
-    evaluate: dict[str, Any],
-    embeddings: Path,
-) -> dict[str, Any]:
+def run(run_name: str, params: Settings, embeddings: Path) -> dict[str, Any]:
     """Compare every method of ``run_name``; write the outs; return table.json."""
-    opts = settings(params, evaluate, run_name)
-    device = resolve_device(require(params, "device", str, "compare"), "compare.device")
-    base, _, _ = run_config(metatrain, run_name)
-    splits = [read_embeddings(embeddings / f"{s}.parquet") for s in ("train", "val", "test")]
+    params.require_run(run_name)
+    opts = compare_settings(params, run_name)
+    device = resolve_device(params.compare.device, f"{where()}: compare.device")
+    base = params.run_config(run_name)
+    if params.from_tune(run_name):  # as metatrain trained it
+        base = apply(base, tuned_values(params, run_name), f"{TUNE / run_name / 'best.yaml'}")
+    paths = [embeddings / f"{s}.parquet" for s in ("train", "val", "test")]
+    check_disjoint_classes(paths)
+    splits = [read_embeddings(p) for p in paths]
     if len({s.dim for s in splits}) != 1:
         raise LeoInputError(f"{embeddings}: train, val and test differ in dimension")
     return compare(
         run_name,
         base,
         opts,
-        METATRAIN_OUT / run_name / "best.pt",
+        METATRAIN / run_name / "best.pt",
         *splits,
-        OUT / run_name,
-        REPORTS / run_name,
+        COMPARE / run_name,
+        REPORTS / "compare" / run_name,
         device=device,
+        cpu_threads=None,  # the stage set base.cpu_threads already
     )
 
 
@@ -122,13 +98,7 @@ def run(
 def main() -> None:
     """Parse the flags, read ``params.yaml`` and run the stage."""
     args = parse_run_args("compare", __doc__, "{train,val,test}.parquet")
-    table = run(
-        args.run,
-        load_params("compare"),
-        load_params("metatrain"),
-        load_params("evaluate"),
-        Path(args.embeddings),
-    )
+    table = run(args.run, settings(), Path(args.embeddings))
     print(f"compare {args.run}: {table['episodes']} episodes, {table['seconds']:.0f} s")
     for name, row in table["methods"].items():
         print(

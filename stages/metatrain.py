@@ -2,13 +2,16 @@
 
 Usage: ``python -m stages.metatrain RUN [--embeddings DIR]``. Reads ``base`` (seed) and
 ``metatrain`` from ``params.yaml``: ``device`` (auto | cpu | cuda), ``common`` (fields of
-:class:`leo.config.LEOConfig` for every run) and ``runs.RUN`` (an optional ``preset`` of
-:data:`leo.config.PRESETS` plus fields overriding ``common``). The config is
-``make_config(preset, seed=base.seed, **common, **runs[RUN])``.
+:class:`leo.core.config.LEOConfig` for every run) and ``runs.RUN`` (an optional ``preset`` of
+:data:`leo.core.config.PRESETS` plus fields overriding ``common``). The config is
+``make_config(preset, seed=base.seed, **common, **runs[RUN])``; with ``from_tune: true`` in
+``runs.RUN``, the hyperparameters of ``data/tune/RUN/best.yaml`` (``tune@RUN``'s search) go on
+top.
 
 Reads ``DIR/train.parquet`` and ``DIR/val.parquet`` (never ``test``); writes
-``data/metatrain/RUN/best.pt`` (the best-on-validation parameters),
-``reports/metatrain/RUN/metrics.json`` and ``reports/metatrain/RUN/history.csv``. A kill
+``data/metatrain/RUN/best.pt`` (the best-on-validation parameters) and the DVCLive log
+``reports/metatrain/RUN/`` (:mod:`leo.utils.live`): ``plots/metrics/<column>.tsv``, one row
+per validation, and ``metrics.json``, the last row plus the run's summary. A kill
 leaves ``tmp/metatrain/RUN/`` (outside DVC's outs, which DVC clears before a run); the next
 run with the same config and embeddings continues from its last validation, a run with
 another config or other embeddings starts afresh.
@@ -16,99 +19,26 @@ another config or other embeddings starts afresh.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-import torch
+from leo.data.store import check_disjoint_classes, read_embeddings
+from leo.meta.train import meta_train
+from leo.settings import Settings
+from leo.tune.outputs import read_best
+from leo.tune.space import apply
+from leo.utils.atomic import atomic_dir, write_json
+from leo.utils.device import resolve_device
+from leo.utils.errors import LeoInputError
+from leo.utils.hashing import file_sha256
+from leo.utils.live import open_live
+from stages.common import METATRAIN, REPORTS, parse_run_args, settings, stage_main, where
 
-from leo.atomic import atomic_dir, write_json, write_text
-from leo.config import PRESETS, LEOConfig, make_config
-from leo.errors import LeoInputError
-from leo.store import read_embeddings
-from leo.train import default_device, meta_train
-from stages.common import PARAMS_FILE, load_params, parse_run_args, require, stage_main
-
-OUT = Path("data/metatrain")
-REPORTS = Path("reports/metatrain")
 WORK = Path("tmp/metatrain")
-KEYS = {"base", "device", "common", "runs"}
-TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": ()}
-
-
-def resolve_device(name: str, key: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; ``cpu``/``cuda`` as asked (``key`` names it)."""
-    if name == "auto":
-        return default_device()
-    if name not in ("cpu", "cuda"):
-        raise LeoInputError(f"{PARAMS_FILE}: key '{key}' must be auto, cpu or cuda, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LeoInputError(f"{PARAMS_FILE}: key '{key}' asks for cuda but CUDA is not available")
-    return torch.device(name)
-
-
-def check_fields(values: Any, key: str) -> dict[str, Any]:
-    """Check a mapping of LEOConfig fields by name and type; errors name ``key.<field>``."""
-    if not isinstance(values, dict):
-        raise LeoInputError(f"{PARAMS_FILE}: key '{key}' must be a mapping, got {values!r}")
-    fields = {f.name: f.type for f in dataclasses.fields(LEOConfig)}
-    for name, value in values.items():
-        if name not in fields:
-            raise LeoInputError(f"{PARAMS_FILE}: unknown key '{key}.{name}' (not a LEO field)")
-        options = str(fields[name]).replace(" ", "").split("|")
-        if value is None and "None" in options:
-            continue
-        kinds = tuple(t for o in options for t in TYPES[o])
-        if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds):
-            hint = ""
-            if isinstance(value, str) and "float" in options:
-                hint = " (YAML reads 1e-4 as text: write 1.0e-4)"
-            raise LeoInputError(
-                f"{PARAMS_FILE}: key '{key}.{name}' must be {' or '.join(options)}, "
-                f"got {value!r}{hint}"
-            )
-    return values
-
-
-def run_config(params: dict[str, Any], run: str) -> tuple[LEOConfig, str, torch.device]:
-    """``load_params("metatrain")`` and a run name -> (config, preset name, device)."""
-    unknown = sorted(set(params) - KEYS)
-    if unknown:
-        raise LeoInputError(f"{PARAMS_FILE}: unknown key 'metatrain.{unknown[0]}'")
-    seed = require(params["base"], "seed", int, "base")
-    device = resolve_device(require(params, "device", str, "metatrain"), "metatrain.device")
-    common = check_fields(require(params, "common", dict, "metatrain"), "metatrain.common")
-    runs = require(params, "runs", dict, "metatrain")
-    if run not in runs:
-        raise LeoInputError(
-            f"{PARAMS_FILE}: no run 'metatrain.runs.{run}' (runs: {', '.join(map(str, runs))})"
-        )
-    key = f"metatrain.runs.{run}"
-    values = dict(require(runs, run, dict, "metatrain.runs"))
-    preset = values.pop("preset", "default")
-    if preset not in PRESETS:
-        raise LeoInputError(
-            f"{PARAMS_FILE}: key '{key}.preset' must be one of {', '.join(PRESETS)}, got {preset!r}"
-        )
-    check_fields(values, key)
-    try:
-        cfg = make_config(preset, **{"seed": seed, **common, **values})
-    except LeoInputError as err:
-        raise LeoInputError(f"{PARAMS_FILE}: {key}: {err}") from None
-    return cfg, preset, device
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+TUNE = Path("data/tune")  # tune@<run>'s best.yaml: applied when metatrain.runs.<run>.from_tune
 
 
 def prepare_work_dir(work: Path, fingerprint: dict[str, Any]) -> bool:
@@ -126,10 +56,16 @@ def prepare_work_dir(work: Path, fingerprint: dict[str, Any]) -> bool:
     return False
 
 
-def run(run_name: str, params: dict[str, Any], embeddings: Path) -> dict[str, Any]:
+def run(run_name: str, params: Settings, embeddings: Path) -> dict[str, Any]:
     """Meta-train ``run_name`` on ``embeddings``; write the outs; return the metrics written."""
-    cfg, preset, device = run_config(params, run_name)
+    params.require_run(run_name)
+    cfg, preset = params.run_configs[run_name]
+    if params.from_tune(run_name):  # tune@<run>'s hyperparameters on top of the run's config
+        tuned = TUNE / run_name / "best.yaml"
+        cfg = apply(cfg, read_best(tuned), str(tuned))
+    device = resolve_device(params.metatrain.device, f"{where()}: metatrain.device")
     paths = {s: embeddings / f"{s}.parquet" for s in ("train", "val")}
+    check_disjoint_classes(list(paths.values()))
     train, val = (read_embeddings(p) for p in paths.values())
     if train.dim != val.dim:
         raise LeoInputError(f"{embeddings}: train is {train.dim}-d but val is {val.dim}-d")
@@ -141,13 +77,24 @@ def run(run_name: str, params: dict[str, Any], embeddings: Path) -> dict[str, An
     }
     resuming = prepare_work_dir(work, fingerprint)
     print(
-        f"metatrain {run_name}: {cfg.num_classes}-way {cfg.num_shots}-shot, preset {preset}, "
+        f"metatrain {run_name}: {cfg.num_classes}-way {cfg.num_shots}-shot, preset {preset}"
+        f"{' with tune@' + run_name + ' hyperparameters' if params.from_tune(run_name) else ''}, "
         f"{cfg.num_steps} steps (validation every {cfg.validate_every}), {train.dim}-d "
         f"{embeddings}, {device.type}{', resuming' if resuming else ''}",
         flush=True,
     )
-    result = meta_train(cfg, train, val, work, device=device, progress=sys.stderr.isatty())
-    with atomic_dir(OUT / run_name) as tmp:
+    live = open_live(REPORTS / "metatrain" / run_name)  # a fresh log; a resumed run refills it
+    result = meta_train(
+        cfg,
+        train,
+        val,
+        work,
+        device=device,
+        progress=sys.stderr.isatty(),
+        live=live,
+        cpu_threads=None,  # the stage set base.cpu_threads already
+    )
+    with atomic_dir(METATRAIN / run_name) as tmp:
         shutil.copy2(result.checkpoint, tmp / "best.pt")
     metrics = {
         "num_shots": cfg.num_shots,
@@ -160,10 +107,10 @@ def run(run_name: str, params: dict[str, Any], embeddings: Path) -> dict[str, An
         "train_classes": train.num_classes,
         "val_classes": val.num_classes,
         "preset": preset,
-        "config": cfg.to_dict(),
+        "from_tune": params.from_tune(run_name),
     }
-    write_text(REPORTS / run_name / "history.csv", (work / "history.csv").read_text())
-    write_json(REPORTS / run_name / "metrics.json", metrics)
+    live.summary.update(metrics)
+    live.end()  # metrics.json (the config's values are params: dvc exp show lists them)
     shutil.rmtree(work)
     for row in result.history:
         print(
@@ -178,7 +125,7 @@ def run(run_name: str, params: dict[str, Any], embeddings: Path) -> dict[str, An
 def main() -> None:
     """Parse the flags, read ``params.yaml`` and run the stage."""
     args = parse_run_args("metatrain", __doc__, "{train,val}.parquet")
-    metrics = run(args.run, load_params("metatrain"), Path(args.embeddings))
+    metrics = run(args.run, settings(), Path(args.embeddings))
     print(
         f"metatrain {args.run}: best meta-validation accuracy {metrics['best_val_accuracy']:.4f} "
         f"at step {metrics['best_step']}/{metrics['steps']}, {metrics['wall_seconds']:.0f} s"

@@ -70,6 +70,8 @@ def tiny_params(params: dict, sha: str) -> dict:
     }
     params["evaluate"].update(device="cpu", num_episodes=20, batch_size=10)
     params["report"]["dpi"] = 40
+    if "tune" in params:  # no hyperparameter search (a Ray cluster): tune@<run> writes {} at once
+        params["tune"]["runs"] = {}
     if "compare" in params:  # the method comparison (stages/compare.py), when in the DAG
         params["compare"].update(
             device="cpu",

@@ -1,7 +1,7 @@
-"""A plain, loop-based LEO episode written from REFERENCE.md alone: the tests' yardstick.
+"""A plain, loop-based LEO episode written from the model's description alone: the yardstick.
 
-Nothing here is shared with :mod:`leo.model`; every step is spelled out the slow way so a
-reader can check it line by line against REFERENCE.md "Model" (points 1-10):
+Nothing here is shared with :mod:`leo.core.model`; every step is spelled out the slow way so a
+reader can check it line by line against docs/model.md, points 1-10:
 
 - the relation network runs on each of the (NK)^2 ordered pairs in an explicit double loop;
 - the logits of each weight sample k are computed separately and then averaged;
@@ -12,10 +12,10 @@ reader can check it line by line against REFERENCE.md "Model" (points 1-10):
 
 The 2-layer variant (``encoder.1``, ``decoder.1``) runs through the same per-vector MLP
 loops; its orthogonality term is summed over the decoder matrices, the convention of
-:mod:`leo.model` (REFERENCE.md defines the penalty for the linear decoder only).
+:mod:`leo.core.model` (docs/model.md, point 10: the reference code has a linear decoder only).
 
-Parameters use the names and (in, out) layout documented in :mod:`leo.model` (the shared
-interface), noise the single-episode slice of the :func:`leo.noise.draw_noise` dict:
+Parameters use the names and (in, out) layout documented in :mod:`leo.core.model` (the shared
+interface), noise the single-episode slice of the :func:`leo.core.noise.draw_noise` dict:
 ``enc_keep`` (N, K, D), ``z_eps`` (N, K, Z), ``w_eps`` (S+1, N, K, D) (sample i for the
 i-th decode), ``support_keep`` (S+F, N, K, D) (mask i for the i-th support-loss evaluation:
 S latent steps, then F fine-tuning steps), ``query_keep`` (N, Q, D).
@@ -114,7 +114,7 @@ def plain_episode(
     *,
     training: bool = True,
 ) -> dict[str, Tensor]:
-    """One episode of LEO, every term of its meta-loss (REFERENCE.md "Model", points 1-10).
+    """One episode of LEO, every term of its meta-loss (docs/model.md, points 1-10).
 
     Args:
         params: named weights, (in, out) layout; ``inner_lr`` (Z,), ``finetune_lr`` (D,).

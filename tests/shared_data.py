@@ -1,4 +1,5 @@
-"""Where the real datasets are: ``$LEO_DATA_DIR``, else ``../shared/data`` beside the repo."""
+"""Where the real datasets are: ``$LEO_DATA_DIR``, else the folder ``data`` of the ``shared``
+folder beside the repository (the default below)."""
 
 import os
 from pathlib import Path

@@ -5,21 +5,21 @@ import dataclasses
 import pytest
 import torch
 
-from leo.baselines import (
+from leo.comparison.baselines import (
     LogisticRegressionConfig,
     fit_logistic_regression,
     logistic_regression,
     nearest_mean_cosine,
     nearest_mean_euclidean,
 )
-from leo.config import make_config
-from leo.episodes import EpisodeSampler
-from leo.errors import LeoInputError
-from leo.evaluate import evaluate_classifier, score_queries
-from leo.maml import MAMLConfig
-from leo.methods import METHODS, method_classifier, method_config, train_method
-from leo.synthetic import synthetic_split
-from leo.train import load_checkpoint
+from leo.comparison.maml import MAMLConfig
+from leo.comparison.methods import METHODS, method_classifier, method_config, train_method
+from leo.core.config import make_config
+from leo.data.synthetic import synthetic_split
+from leo.meta.episodes import EpisodeSampler
+from leo.meta.evaluate import evaluate_classifier, score_queries
+from leo.meta.train import load_checkpoint
+from leo.utils.errors import LeoInputError
 
 
 @pytest.fixture(autouse=True)
@@ -129,6 +129,7 @@ def test_registry_names_configs_and_fixed_classifiers():
         "leo-random-prior",
         "leo-no-finetune",
         "leo-finetune-only",
+        "leo-pbt",
         "maml",
         "nearest-mean-cosine",
         "nearest-mean-euclidean",

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from leo.batched import MetaStep, batch_meta_loss
-from leo.config import make_config
-from leo.model import init_params
-from leo.noise import draw_noise
-from leo.optim import Adam
+from leo.core.config import make_config
+from leo.core.model import init_params
+from leo.core.noise import draw_noise
+from leo.core.optim import Adam
+from leo.core.step import MetaStep, batch_meta_loss
 
 DIM, BATCH = 16, 2
 

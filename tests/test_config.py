@@ -2,8 +2,8 @@
 
 import pytest
 
-from leo.config import PRESETS, LEOConfig, config_from_dict, make_config
-from leo.errors import LeoInputError
+from leo.core.config import PRESETS, LEOConfig, config_from_dict, make_config
+from leo.utils.errors import LeoInputError
 
 
 def test_presets_carry_the_published_hyperparameters():
@@ -51,11 +51,34 @@ def test_eval_step_counts_default_to_training_ones():
     ("kwargs", "message"),
     [
         ({"preset": "mini-2shot"}, "unknown LEO preset 'mini-2shot'"),
-        ({"latnet_dim": 3}, "unknown LEO config key 'latnet_dim'"),
-        ({"dropout": 1.0}, "dropout must be in"),
-        ({"form": "magic"}, "form must be"),
+        ({"latnet_dim": 3}, "LEO config: latnet_dim: unknown key$"),
+        ({"dropout": 1.0}, r"LEO config: dropout: must be less than 1 \(got 1\.0\)$"),
+        ({"form": "magic"}, "LEO config: form: must be 'fast' or 'literal' \\(got 'magic'\\)$"),
+        ({"num_steps": 0}, "LEO config: num_steps: must be greater than or equal to 1"),
+        ({"outer_lr": "1e-3"}, "LEO config: outer_lr: must be a valid number"),
+        ({"num_shots": True}, "LEO config: num_shots: must be a valid integer"),
+        ({"compile": "yes"}, "LEO config: compile: must be a valid boolean or must be 'auto'"),
+        ({"l2_penalty_weight": 0.0}, "LEO config: l2_penalty_weight: must be greater than 0"),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(kwargs, message):
     with pytest.raises(LeoInputError, match=message):
         make_config(**kwargs)
+
+
+def test_compile_auto_means_cuda_only():
+    from leo.utils.compiling import should_compile
+
+    assert make_config().compile == "auto"
+    assert not should_compile("auto", "cpu") and should_compile("auto", "cuda")
+    assert should_compile(True, "cpu") and not should_compile(False, "cuda")
+
+
+def test_maml_step_size_default_follows_the_shots():
+    from leo.comparison.maml import make_maml_config
+
+    assert make_maml_config(num_shots=1).inner_lr == 1.0
+    assert make_maml_config(num_shots=5).inner_lr == 0.1
+    assert make_maml_config(num_shots=5, inner_lr=0.3).inner_lr == 0.3
+    with pytest.raises(LeoInputError, match="MAML config: inner_stepz: unknown key"):
+        make_maml_config(inner_stepz=3)

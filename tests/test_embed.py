@@ -14,11 +14,11 @@ import torch
 import yaml
 
 from leo.backbone.embed import embed_splits
-from leo.backbone.pretrain import file_sha256
 from leo.backbone.wrn import WideResNet, WRNConfig, backbone_checkpoint, channel_stats, to_input
 from leo.data.prepared import PreparedSplit, save_prepared
-from leo.errors import LeoInputError
-from leo.store import read_embeddings
+from leo.data.store import read_embeddings
+from leo.utils.errors import LeoInputError
+from leo.utils.hashing import file_sha256
 from stages import embed as embed_stage
 from stages import pretrain as pretrain_stage
 
@@ -135,8 +135,8 @@ def test_pretrain_then_embed_stages_end_to_end(prepared, tmp_path, monkeypatch, 
     keys = {"backbone_heldout_accuracy", "backbone_train_accuracy", "epochs", "wall_seconds"}
     assert keys | {"num_classes", "feature_dim"} <= metrics.keys()
     assert (metrics["epochs"], metrics["num_classes"], metrics["feature_dim"]) == (2, 4, 64)
-    history = (work / "reports/pretrain/history.csv").read_text().splitlines()
-    assert history[0] == "epoch,train_loss,train_acc,heldout_acc,lr" and len(history) == 3
+    history = (work / "reports/pretrain/plots/metrics/heldout_acc.tsv").read_text().splitlines()
+    assert history[0] == "step\theldout_acc" and len(history) == 3  # DVCLive's log, per epoch
     assert not (work / "tmp/pretrain/resume.pt").exists()
 
     proc = run_stage(work, "embed")

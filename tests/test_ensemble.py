@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from leo.config import make_config
-from leo.ensemble import (
+from leo.comparison.ensemble import (
     MEAN_ONLY,
     SampledAdapter,
     draw_sample_noise,
@@ -14,9 +13,10 @@ from leo.ensemble import (
     ensemble_name,
     evaluate_ensembles,
 )
-from leo.evaluate import eval_sampler, evaluate, score_queries
-from leo.model import adapt, init_params
-from leo.synthetic import synthetic_split
+from leo.core.config import make_config
+from leo.core.model import adapt, init_params
+from leo.data.synthetic import synthetic_split
+from leo.meta.evaluate import eval_sampler, evaluate, score_queries
 
 DIM = 12
 

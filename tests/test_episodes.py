@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from leo.episodes import EpisodeSampler
-from leo.errors import LeoInputError
+from leo.meta.episodes import EpisodeSampler
+from leo.utils.errors import LeoInputError
 
 
 def _split(counts):

@@ -5,11 +5,11 @@ import math
 import numpy as np
 import torch
 
-from leo.config import make_config
-from leo.episodes import EpisodeSampler
-from leo.evaluate import EvalResult, evaluate, evaluate_classifier, score_queries
-from leo.model import init_params
-from leo.synthetic import synthetic_split
+from leo.core.config import make_config
+from leo.core.model import init_params
+from leo.data.synthetic import synthetic_split
+from leo.meta.episodes import EpisodeSampler
+from leo.meta.evaluate import EvalResult, evaluate, evaluate_classifier, score_queries
 
 
 def _plain_scores(emb, idx, weights, bias):

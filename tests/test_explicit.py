@@ -1,8 +1,8 @@
-"""The hand-derived batch meta-gradient (:mod:`leo.explicit`) against independent computations.
+"""The hand-derived batch meta-gradient (:mod:`leo.core.explicit`) against independent computations.
 
 In float64 on tiny batches: the loop-based plain version of ``tests/plain_leo.py`` (its
 own second-order autograd, episode by episode), the vmap + autograd form of
-:mod:`leo.batched`, and central finite differences. Every variant the module covers is
+:mod:`leo.core.step`, and central finite differences. Every variant the module covers is
 checked: sampling or deterministic, random prior, no dropout, first order, zero steps,
 one shot, and decoder and latent stds at their 1e-10 floor.
 """
@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from plain_leo import plain_episode
 from test_model_numerics import D, K, N, Q, small_cfg  # the tiny episode of those tests
 
-from leo import explicit
-from leo.batched import BatchAdapter, MetaStep, batch_adapt, batch_meta_loss
-from leo.model import decoder_std_offset, init_params
-from leo.noise import draw_noise
-from leo.optim import Adam
+from leo.core import explicit
+from leo.core.model import decoder_std_offset, init_params
+from leo.core.noise import draw_noise
+from leo.core.optim import Adam
+from leo.core.step import BatchAdapter, MetaStep, batch_adapt, batch_meta_loss
 
 B = 3  # episodes per batch
 TOL = 1e-10  # float64, against the same math differently arranged: agreement to rounding

@@ -1,4 +1,4 @@
-"""leo.data.fetch: local copies, resumable HTTP downloads from a local server, sha256 checks."""
+"""leo.data.raw.fetch: local copies, resumable HTTP downloads from a local server, sha256 checks."""
 
 from __future__ import annotations
 
@@ -11,15 +11,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from leo.data.fetch import (
+from leo.data.raw.fetch import (
     FileSpec,
     fetch_all,
     part_path,
     read_source,
     tree_sha256,
 )
-from leo.errors import LeoInputError
-from stages.download import parse_file_specs
+from leo.utils.errors import LeoInputError
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -235,23 +234,3 @@ def test_read_source_detects_a_changed_raw_file(tmp_path):
     (tmp_path / "raw" / "a.bin").write_bytes(b"abd")
     with pytest.raises(LeoInputError, match=r"a\.bin: sha256 mismatch"):
         read_source(tmp_path / "raw")
-
-
-@pytest.mark.parametrize(
-    ("entry", "needle"),
-    [
-        ({"name": "a/b.zip", "sha256": SHA}, r"files\[0\]\.name"),
-        ({"name": "a.zip", "sha256": "abc"}, r"files\[0\]\.sha256"),
-        ({"name": "a.zip", "sha256": SHA, "url": "ftp://x"}, r"files\[0\]\.url"),
-        ({"name": "a.zip", "sha256": SHA, "mirror": "x"}, r"files\[0\]' has unknown"),
-        ("a.zip", r"files\[0\]' must be a mapping"),
-    ],
-)
-def test_malformed_file_entries_name_the_key(entry, needle):
-    with pytest.raises(LeoInputError, match=needle):
-        parse_file_specs([entry], "download.omniglot.files")
-
-
-def test_empty_file_list_is_refused():
-    with pytest.raises(LeoInputError, match=r"'download.miniImageNet.files' must be a non-empty"):
-        parse_file_specs([], "download.miniImageNet.files")

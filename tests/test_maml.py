@@ -1,5 +1,6 @@
 """MAML: zero steps is W0, inner gradients in closed form, exact second-order meta-gradient,
-learns an easy problem, checkpoints round-trip through the method registry."""
+learns an easy problem, resumes exactly after a kill (log included), refuses a state made on
+other data, checkpoints round-trip through the method registry."""
 
 import time
 
@@ -7,21 +8,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from leo.config import make_config
-from leo.errors import LeoInputError
-from leo.evaluate import eval_sampler, evaluate_classifier, score_queries
-from leo.maml import (
+from leo.comparison.maml import (
     batch_maml_loss,
     init_maml_params,
     load_maml_checkpoint,
     make_maml_config,
     maml_adapt,
     maml_classifier,
+    maml_train,
     support_grads,
 )
-from leo.methods import method_classifier, train_method
-from leo.synthetic import synthetic_split
-from leo.train import save_checkpoint
+from leo.comparison.methods import method_classifier, train_method
+from leo.core.config import make_config
+from leo.data.synthetic import synthetic_split
+from leo.meta.evaluate import eval_sampler, evaluate_classifier, score_queries
+from leo.meta.loop import data_sha256
+from leo.utils.atomic import write_torch
+from leo.utils.errors import LeoInputError
+from leo.utils.live import METRICS_DIR, open_live
 
 
 @pytest.fixture(autouse=True)
@@ -153,11 +157,71 @@ def test_maml_learns_an_easy_problem_within_seconds(tmp_path):
     ).mean
     assert acc0 < 0.5 and acc >= 0.90, (acc0, acc)
     assert float(params["inner_lr"]) > 0.1  # the step size was learned upwards
-    assert meta["step"] in (40, 80, 120) and (tmp_path / "history.csv").is_file()
+    assert meta["step"] in (40, 80, 120) and (tmp_path / "state.pt").is_file()
+    assert meta["data_sha256"] == data_sha256(train, val)
     assert time.perf_counter() - start < 45
 
 
+def _maml_cfg(**kw):
+    base = dict(
+        num_steps=30,
+        validate_every=10,
+        val_batches=1,
+        val_batch_size=20,
+        inner_steps=2,
+        learn_inner_lr=True,
+        compile=False,
+        eval_per_class_total=None,
+    )
+    return make_maml_config(**{**base, **kw})
+
+
+def _tsv_files(live_dir):
+    root = live_dir / METRICS_DIR
+    return {p.name: p.read_bytes() for p in sorted(root.glob("*.tsv"))}
+
+
+def test_a_killed_then_resumed_maml_run_equals_an_uninterrupted_one(tmp_path):
+    train, val, _ = _splits()
+    cfg = _maml_cfg()
+    with open_live(tmp_path / "log_a") as live:
+        straight = maml_train(cfg, train, val, tmp_path / "a", progress=False, live=live)
+    with open_live(tmp_path / "log_b") as live:
+        killed = maml_train(
+            cfg, train, val, tmp_path / "b", progress=False, stop_after=15, live=live
+        )
+    assert killed.steps == 15 and len(killed.history) == 1
+    with open_live(tmp_path / "log_b") as live:  # a fresh log, as after DVC removed the outs
+        resumed = maml_train(cfg, train, val, tmp_path / "b", progress=False, live=live)
+    assert resumed.steps == straight.steps == 30
+    assert resumed.history == straight.history and len(straight.history) == 3
+    assert list(straight.history[0])[-1] == "inner_lr"
+    a = torch.load(tmp_path / "a/state.pt", weights_only=True)
+    b = torch.load(tmp_path / "b/state.pt", weights_only=True)
+    assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
+    assert all(torch.equal(x, y) for x, y in zip(a["generators"], b["generators"], strict=True))
+    # Adam moments too: the next step of either run would be the same
+    assert all(torch.equal(a["adam"]["m"][k], b["adam"]["m"][k]) for k in a["adam"]["m"])
+    assert (tmp_path / "a/best.pt").read_bytes() == (tmp_path / "b/best.pt").read_bytes()
+    files = _tsv_files(tmp_path / "log_a")
+    assert "inner_lr.tsv" in files and files == _tsv_files(tmp_path / "log_b")
+    # a finished run returns its result at once, the same
+    again = maml_train(cfg, train, val, tmp_path / "b", progress=False)
+    assert again.history == straight.history and again.best_step == straight.best_step
+
+
+def test_a_maml_state_made_on_other_data_is_refused(tmp_path):
+    train, val, _ = _splits()
+    other = synthetic_split(30, split="train", seed=7, per_class=20, dim=16, noise=0.1)
+    cfg = _maml_cfg(num_steps=10)
+    maml_train(cfg, train, val, tmp_path, progress=False)
+    with pytest.raises(LeoInputError, match=r"state.pt: saved by a run on other data"):
+        maml_train(cfg, other, val, tmp_path, progress=False)
+    with pytest.raises(LeoInputError, match=r"state.pt: saved by a different config"):
+        maml_train(_maml_cfg(num_steps=10, inner_steps=1), train, val, tmp_path, progress=False)
+
+
 def test_a_leo_checkpoint_is_not_read_as_maml(tmp_path):
-    save_checkpoint(tmp_path / "best.pt", {"params": {}, "config": make_config().to_dict()})
+    write_torch(tmp_path / "best.pt", {"params": {}, "config": make_config().to_dict()})
     with pytest.raises(LeoInputError, match="not a MAML checkpoint"):
         load_maml_checkpoint(tmp_path / "best.pt")

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from leo.data.images import RawFiles
-from leo.data.mini_imagenet import read_mini_imagenet
-from leo.data.tiered_imagenet import read_tiered_imagenet
-from leo.errors import LeoInputError
+from leo.data.raw.images import RawFiles
+from leo.data.raw.mini_imagenet import read_mini_imagenet
+from leo.data.raw.tiered_imagenet import read_tiered_imagenet
+from leo.utils.errors import LeoInputError
 
 CLASSES = {  # 3 disjoint splits of 5 classes; wnid-like names
     split: [f"n0{k}{c:02d}0000" for c in range(5)]

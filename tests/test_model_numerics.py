@@ -1,4 +1,4 @@
-"""The LEO math of :mod:`leo.model` against an independent plain version, hand values and FD.
+"""The LEO math of :mod:`leo.core.model` against an independent plain version, hand values and FD.
 
 Everything runs in float64 on tiny episodes (N=3, K=2, D=6, Z=4) so that disagreements at
 the 1e-5 level mean a real difference, not rounding. ``tests/plain_leo.py`` is the
@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from plain_leo import mlp_on_vector, orthogonality, plain_episode, summed_support_loss
 
-from leo.batched import batch_adapt, batch_meta_loss
-from leo.config import LEOConfig, make_config
-from leo.model import (
+from leo.core.config import LEOConfig, make_config
+from leo.core.model import (
     adapt,
     decoder_std_offset,
     episode_loss,
@@ -35,7 +34,8 @@ from leo.model import (
     support_grad_wbar,
     support_loss,
 )
-from leo.noise import draw_noise
+from leo.core.noise import draw_noise
+from leo.core.step import batch_adapt, batch_meta_loss
 
 N, K, D, Q, Z = 3, 2, 6, 3, 4
 FORMS = ("literal", "fast")

@@ -1,4 +1,4 @@
-"""leo.data.omniglot on tiny subsets of the real Omniglot archives (and their bad variants)."""
+"""leo.data.raw.omniglot on tiny subsets of the real Omniglot archives (and their bad variants)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 from shared_data import OMNIGLOT as REAL
 
-from leo.data.images import RawFiles
-from leo.data.omniglot import load_split_file, read_omniglot
-from leo.errors import LeoInputError
+from leo.data.raw.images import RawFiles
+from leo.data.raw.omniglot import load_split_file, read_omniglot
+from leo.utils.errors import LeoInputError
 
 SMALL1 = REAL / "images_background_small1.zip"
 SPLIT = {"train": ["Korean"], "val": ["Balinese"], "test": ["Early_Aramaic"]}

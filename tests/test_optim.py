@@ -1,4 +1,4 @@
-"""The outer update (REFERENCE.md point 11): NaN fallback, clipping order, TF-style Adam.
+"""The outer update (docs/model.md, point 11): NaN fallback, clipping order, TF-style Adam.
 
 Expected values are written out by hand (the TF1 formulas), and one full ``MetaStep`` is
 compared with the plain episode of ``tests/plain_leo.py`` followed by hand clipping and
@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from plain_leo import plain_episode
 
-from leo.batched import MetaStep
-from leo.config import make_config
-from leo.model import init_params, l2_penalty
-from leo.noise import draw_noise
-from leo.optim import Adam, clip_gradients, nan_fallback
+from leo.core.config import make_config
+from leo.core.model import init_params, l2_penalty
+from leo.core.noise import draw_noise
+from leo.core.optim import Adam, clip_gradients, nan_fallback
+from leo.core.step import MetaStep
 
 NETWORK = ("encoder.0", "relation.0", "relation.1", "relation.2", "decoder.0")
 
@@ -54,7 +54,7 @@ def test_nan_loss_replaces_gradients_by_those_of_the_l2_pull():
         assert torch.allclose(out[name], 1e-4 * params[name], rtol=1e-6, atol=0.0), name
     for name in ("inner_lr", "finetune_lr"):
         assert torch.count_nonzero(out[name]) == 0, name
-    # The same as differentiating (1e-4 / lambda1) * (lambda1 * L2), as REFERENCE.md says.
+    # The same as differentiating (1e-4 / lambda1) * (lambda1 * L2), as docs/model.md, point 11.
     lam = 3.6e-10
     leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     penalty = (1e-4 / lam) * (lam * l2_penalty(leaves))

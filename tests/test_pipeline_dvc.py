@@ -3,6 +3,7 @@ LEO or a backbone param change, ``dvc metrics diff`` between commits, one-line p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -21,12 +22,7 @@ from pipeline_helpers import (
     stage_names,
 )
 
-from leo.errors import LeoInputError
-from stages import evaluate as evaluate_stage
-from stages import import_published as import_stage
-from stages import metatrain as metatrain_stage
-
-DATA_STAGES = ["download", "prepare", "pretrain", "embed"]
+DATA_STAGES = ["check", "download", "prepare", "pretrain", "embed"]
 LEO_STAGES = ["metatrain@1shot", "metatrain@5shot", "evaluate@1shot", "evaluate@5shot", "report"]
 needs_data = pytest.mark.skipif(not OMNIGLOT.is_file(), reason="real Omniglot data not available")
 slow = pytest.mark.slow  # the tests that share the `history` fixture: ~100 s of real DVC runs
@@ -64,7 +60,50 @@ def history(tmp_path_factory) -> dict:
     )
     h["metrics_after_bad"] = (project / "reports/metrics.json").read_text()
     (project / "params.yaml").write_text(good)
+
+    # A key no stage depends on (a device) is still validated: the check stage reads it all.
+    set_param(project, "metatrain.device", "gpu")
+    h["bad_device"] = subprocess.run(
+        [str(BIN / "dvc"), "repro"], cwd=project, env=env, capture_output=True, text=True
+    )
+    (project / "params.yaml").write_text(good)
+
+    # Every stage rerun from the same inputs: the same bytes out (timings aside). The failed
+    # runs above lost the check stage's output (DVC clears a stage's outputs before it runs
+    # it): bring everything up to date first.
+    dvc("repro", cwd=project, env=env, timeout=600)
+    h["outs_before"] = snapshot(project)
+    h["lock_before"] = yaml.safe_load((project / "dvc.lock").read_text())
+    h["forced"] = dvc("repro", "--force", cwd=project, env=env, timeout=600).stdout
+    h["outs_after"] = snapshot(project)
+    h["lock_after"] = yaml.safe_load((project / "dvc.lock").read_text())
     return h
+
+
+def _without_timings(value):
+    """A JSON value without the wall-clock entries (keys naming seconds)."""
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if "seconds" not in k}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+def snapshot(project) -> dict[str, object]:
+    """Every file of every stage's outputs: sha256, or for JSON the value without timings."""
+    out = {}
+    for root in ("data", "reports"):
+        for path in sorted((project / root).rglob("*")):
+            if not path.is_file() or path.name.startswith("."):
+                continue
+            rel = str(path.relative_to(project))
+            if path.suffix == ".json":
+                out[rel] = _without_timings(json.loads(path.read_text()))
+            elif path.suffix == ".md" and "compare" in rel:
+                out[rel] = [line for line in path.read_text().splitlines() if " s" not in line]
+            else:
+                out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
 
 
 @needs_data
@@ -73,7 +112,7 @@ def test_repro_runs_every_stage_in_dag_order_and_writes_the_report(history):
     ran = ran_stages(history["repro1"])
     assert sorted(ran) == sorted(history["stages"])
     assert set(DATA_STAGES + LEO_STAGES) <= set(ran)
-    assert ran[:4] == DATA_STAGES
+    assert ran[:5] == DATA_STAGES
     for run in ("1shot", "5shot"):
         assert ran.index(f"metatrain@{run}") < ran.index(f"evaluate@{run}") < ran.index("report")
     assert history["status1"] == {}  # everything up to date afterwards
@@ -92,10 +131,11 @@ def test_repro_runs_every_stage_in_dag_order_and_writes_the_report(history):
 @slow
 def test_leo_param_change_reruns_only_metatrain_onward(history):
     downstream = set(history["stages"]) - set(DATA_STAGES)  # every stage after embed
-    assert {"metatrain@1shot", "metatrain@5shot"} <= set(history["status2"]) <= downstream
+    assert {"metatrain@1shot", "metatrain@5shot"} <= set(history["status2"])
+    assert set(history["status2"]) <= downstream | {"check"}
     ran = ran_stages(history["repro2"])
-    assert sorted(ran) == sorted(downstream) and set(LEO_STAGES) <= set(ran)
-    for stage in DATA_STAGES:
+    assert sorted(ran) == sorted(downstream | {"check"}) and set(LEO_STAGES) <= set(ran)
+    for stage in DATA_STAGES[1:]:  # check revalidates params.yaml; its output is unchanged
         assert f"Stage '{stage}' didn't change, skipping" in history["repro2"]
 
 
@@ -112,10 +152,10 @@ def test_metrics_diff_between_commits_shows_the_changed_metric(history):
 @needs_data
 @slow
 def test_backbone_param_change_reruns_pretrain_onward(history):
-    assert set(history["status3"]) == {"pretrain"}
+    assert set(history["status3"]) == {"check", "pretrain"}
     ran = ran_stages(history["repro3"])
     assert sorted(ran) == sorted(set(history["stages"]) - {"download", "prepare"})
-    assert ran[:2] == ["pretrain", "embed"]
+    assert ran[:3] == ["check", "pretrain", "embed"]
     assert ran_stages(history["repro4"]) == []  # and then nothing is left to do
 
 
@@ -125,18 +165,46 @@ def test_malformed_param_key_fails_in_one_line_before_writing(history):
     bad = history["bad"]
     assert bad.returncode != 0
     lines = [x for x in bad.stderr.splitlines() if x.startswith("error: ")]
-    assert lines == [
-        "error: params.yaml: unknown key 'metatrain.common.num_stepz' (not a LEO field)"
-    ]
+    assert lines == ["error: params.yaml: metatrain.common.num_stepz: unknown key"]
     assert history["metrics_after_bad"] == history["metrics_before_bad"]
     leftovers = [p for p in history["project"].rglob("*.tmp") if ".dvc" not in p.parts]
     assert leftovers == []
 
 
+@needs_data
+@slow
+def test_a_bad_device_no_stage_depends_on_still_stops_dvc_repro(history):
+    bad = history["bad_device"]
+    assert bad.returncode != 0
+    lines = [x for x in bad.stderr.splitlines() if x.startswith("error: ")]
+    assert lines == [
+        "error: params.yaml: metatrain.device: must be auto, cpu, cuda or cuda:<index> (got 'gpu')"
+    ]
+
+
+@needs_data
+@slow
+def test_every_stage_rerun_from_the_same_inputs_writes_the_same_bytes(history):
+    assert len(ran_stages(history["forced"])) == len(history["stages"])
+    before, after = history["outs_before"], history["outs_after"]
+    assert sorted(before) == sorted(after)
+    assert {k for k in before if before[k] != after[k]} == set()
+    cached = {  # every cached output's md5 in dvc.lock: the same
+        (stage, out["path"]): out["md5"]
+        for lock in (history["lock_before"],)
+        for stage, entry in lock["stages"].items()
+        for out in entry.get("outs", [])
+        if out["path"].startswith("data/")
+    }
+    for (stage, path), md5 in cached.items():
+        outs = {o["path"]: o["md5"] for o in history["lock_after"]["stages"][stage]["outs"]}
+        assert outs[path] == md5, (stage, path)
+
+
 def test_dvc_yaml_declares_the_dag_and_templated_sources():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     names = list(stages)
-    mine = ["download", "prepare", "pretrain", "embed", "import_published", "metatrain"]
+    mine = ["check", "download", "prepare", "pretrain", "embed", "import_published", "metatrain"]
     assert [n for n in names if n in mine + ["evaluate", "report"]] == [*mine, "evaluate", "report"]
     mt = stages["metatrain"]["do"]
     assert stages["metatrain"]["foreach"] == "${metatrain.runs}"
@@ -158,70 +226,6 @@ def test_dvc_yaml_declares_the_dag_and_templated_sources():
 
 # -- the LEO stages' params: one line naming the key -----------------------------------------
 
-BASE = {"seed": 3, "dataset": "omniglot"}
-
-
-def metatrain_params(**run) -> dict:
-    return {
-        "base": BASE,
-        "device": "cpu",
-        "common": {"num_steps": 10, "compile": False},
-        "runs": {"1shot": {"preset": "default", "num_shots": 1, **run}},
-    }
-
-
-def test_run_config_merges_preset_common_and_run():
-    cfg, preset, device = metatrain_stage.run_config(
-        metatrain_params(preset="mini-5shot", num_shots=1, outer_lr=2.0e-3), "1shot"
-    )
-    assert (preset, device.type) == ("mini-5shot", "cpu")
-    assert cfg.num_shots == 1 and cfg.outer_lr == 2.0e-3  # the run overrides the preset
-    assert cfg.kl_weight == pytest.approx(0.466387)  # from the preset
-    assert cfg.num_steps == 10 and cfg.compile is False and cfg.seed == 3
-
-
-@pytest.mark.parametrize(
-    ("run", "message"),
-    [
-        ({"latent_dimm": 8}, "unknown key 'metatrain.runs.1shot.latent_dimm'"),
-        ({"outer_lr": "1e-4"}, "'metatrain.runs.1shot.outer_lr' must be float, got '1e-4'"),
-        ({"num_shots": 1.5}, "'metatrain.runs.1shot.num_shots' must be int"),
-        ({"compile": 1}, "'metatrain.runs.1shot.compile' must be bool"),
-        ({"preset": "huge"}, "'metatrain.runs.1shot.preset' must be one of default,"),
-        ({"num_shots": 0}, "metatrain.runs.1shot: LEO config: num_shots must be >= 1"),
-    ],
-)
-def test_run_config_names_the_bad_key(run, message):
-    with pytest.raises(LeoInputError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        metatrain_stage.run_config(metatrain_params(**run), "1shot")
-
-
-def test_run_config_rejects_unknown_runs_sections_and_devices():
-    with pytest.raises(LeoInputError, match=r"no run 'metatrain\.runs\.9shot'"):
-        metatrain_stage.run_config(metatrain_params(), "9shot")
-    with pytest.raises(LeoInputError, match=r"unknown key 'metatrain\.extra'"):
-        metatrain_stage.run_config({**metatrain_params(), "extra": 1}, "1shot")
-    with pytest.raises(LeoInputError, match=r"'metatrain\.device' must be auto, cpu or cuda"):
-        metatrain_stage.run_config({**metatrain_params(), "device": "tpu"}, "1shot")
-
-
-def test_evaluate_and_import_params_name_the_bad_key():
-    good = {"base": BASE, "device": "cpu", "num_episodes": 10, "batch_size": 5, "seed": 1}
-    assert evaluate_stage.options(good)["num_episodes"] == 10
-    with pytest.raises(LeoInputError, match=r"'evaluate\.num_episodes' must be >= 1"):
-        evaluate_stage.options({**good, "num_episodes": 0})
-    with pytest.raises(LeoInputError, match=r"unknown key 'evaluate\.episodes'"):
-        evaluate_stage.options({**good, "episodes": 3})
-    entry = {"root": "/x", "dataset": "miniImageNet", "view": "center"}
-    sha = {"train": "a" * 64, "val": "b" * 64, "test": "c" * 64}
-    params = {"base": BASE, "imports": {"mini": {**entry, "sha256": sha}}}
-    assert import_stage.entry(params, "mini")["expected_sha256"] == sha
-    params["imports"]["mini"]["sha256"] = {**sha, "test": "C" * 64}
-    with pytest.raises(LeoInputError, match=r"'published\.imports\.mini\.sha256\.test' must be 64"):
-        import_stage.entry(params, "mini")
-    with pytest.raises(LeoInputError, match=r"no entry 'published\.imports\.tiered'"):
-        import_stage.entry(params, "tiered")
-
 
 def test_stage_exits_2_with_one_line_and_writes_nothing(tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -236,7 +240,5 @@ def test_stage_exits_2_with_one_line_and_writes_nothing(tmp_path):
         timeout=120,
     )
     assert done.returncode == 2
-    assert done.stderr == (
-        "error: params.yaml: unknown key 'metatrain.common.validate_evry' (not a LEO field)\n"
-    )
+    assert done.stderr == ("error: params.yaml: metatrain.common.validate_evry: unknown key\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

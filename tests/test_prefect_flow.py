@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,14 +17,18 @@ import pytest
 import yaml
 from pipeline_helpers import BIN, OMNIGLOT, REPO, dvc, make_project, stage_names
 
-from pipeline.flow import param_updates, pipeline_stages
-from pipeline.params_file import write_params
+from leo.utils.errors import LeoInputError
+from pipeline.flow import param_updates, pipeline_stages, prepare_params
+from pipeline.params_file import edited
 
 REPORT_STAGES = [
+    "check",
     "download",
     "prepare",
     "pretrain",
     "embed",
+    "tune@1shot",
+    "tune@5shot",
     "metatrain@1shot",
     "metatrain@5shot",
     "evaluate@1shot",
@@ -170,15 +175,36 @@ def test_deployment_run_completes_the_whole_dag_with_metrics(served):
 
 
 @pytest.mark.slow
-def test_failing_stage_fails_the_flow_run(served):
+def test_invalid_flow_parameters_fail_before_anything_runs_or_is_written(served):
+    before = (served["project"] / "params.yaml").read_bytes()
     done, flow_run = deployment_run(served, "--params", '{"params": {"evaluate.num_episodes": 0}}')
     assert done.returncode == 1
     assert flow_run["state"]["type"] == "FAILED"
-    params = yaml.safe_load((served["project"] / "params.yaml").read_text())
-    assert params["evaluate"]["num_episodes"] == 0  # the flow wrote its parameter first
+    assert (
+        "evaluate.num_episodes: must be greater than or equal to 1" in flow_run["state"]["message"]
+    )
+    assert (served["project"] / "params.yaml").read_bytes() == before
+    assert task_run_names(served, flow_run["id"]) == []  # no stage ran
+
+
+@pytest.mark.slow
+def test_a_failed_run_restores_params_and_the_next_plain_run_completes(served):
+    project = served["project"]
+    before = (project / "params.yaml").read_bytes()
+    # Valid params, but the archive does not have this checksum: download fails at run time.
+    files = json.dumps([{"name": "tiny.zip", "sha256": "0" * 64}])
+    done, flow_run = deployment_run(
+        served, "--params", '{"params": {"download.omniglot.files": ' + files + "}}"
+    )
+    assert done.returncode == 1 and flow_run["state"]["type"] == "FAILED"
     names = task_run_names(served, flow_run["id"])
+    assert "set-params" in " ".join(names) and "dvc repro download" in names
     assert "publish-metrics" not in " ".join(names)  # nothing after the failed stage ran
     assert not any(n.endswith("report") for n in names)
+    assert (project / "params.yaml").read_bytes() == before  # as the run found it
+    done, flow_run = deployment_run(served)
+    assert done.returncode == 0 and flow_run["state"]["type"] == "COMPLETED"
+    assert (project / "params.yaml").read_bytes() == before
 
 
 # -- without a server -------------------------------------------------------------------------
@@ -208,44 +234,57 @@ def test_param_updates_map_flow_parameters_to_dotted_keys():
         param_updates(params, embeddings="tiered")
 
 
-def test_write_params_edits_values_in_place(tmp_path):
-    path = tmp_path / "params.yaml"
+def test_params_edits_keep_comments_and_touch_only_the_changed_lines():
     text = (REPO / "params.yaml").read_text()
-    path.write_text(text)
     updates = {
         "base.dataset": "omniglot",  # already so: not a change
         "metatrain.common.num_steps": 7,
         "metatrain.runs.5shot.preset": "mini-5shot",  # inside a flow mapping
         "embeddings.dir": "data/published/a,b",  # needs quotes
     }
-    changed = write_params(path, updates)
+    new, changed, doc = edited(text, updates)
     assert list(changed) == list(updates)[1:]
-    new = path.read_text()
     params = yaml.safe_load(new)
+    assert params == doc
     assert params["metatrain"]["common"]["num_steps"] == 7
     assert params["metatrain"]["runs"]["5shot"] == {"preset": "mini-5shot", "num_shots": 5}
     assert params["embeddings"]["dir"] == "data/published/a,b"
     diff = [(a, b) for a, b in zip(text.splitlines(), new.splitlines(), strict=True) if a != b]
     assert len(diff) == 3  # three lines changed, comments kept
     assert all(a.split("#")[1:] == b.split("#")[1:] for a, b in diff)
-    before = path.stat().st_mtime_ns
-    assert write_params(path, {"metatrain.common.num_steps": 7}) == {}
-    assert path.stat().st_mtime_ns == before  # nothing to change, nothing written
+    assert edited(text, {"metatrain.common.num_steps": 4000})[0] is text  # nothing to change
     with pytest.raises(KeyError, match="no section 'metatrain.nope'"):
-        write_params(path, {"metatrain.nope.x": 1})
-    assert write_params(path, {"metatrain.runs.1shot.outer_lr": 1.0e-4})  # a new key
-    assert yaml.safe_load(path.read_text())["metatrain"]["runs"]["1shot"]["outer_lr"] == 1.0e-4
-    assert "# outer steps" in path.read_text()  # the round trip keeps comments
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+        edited(text, {"metatrain.nope.x": 1})
+    new, _, doc = edited(text, {"metatrain.runs.1shot.outer_lr": 1.0e-4})  # a new key
+    assert doc["metatrain"]["runs"]["1shot"]["outer_lr"] == 1.0e-4
+    assert "# outer steps" in new and "validate_every: null" in new
+
+
+def test_flow_parameters_are_validated_before_params_yaml_is_written(tmp_path):
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    before = (tmp_path / "params.yaml").read_bytes()
+    for updates, message in [
+        ({"evaluate.num_episodes": 0}, "evaluate.num_episodes: must be greater than"),
+        ({"metatrain.device": "gpu"}, "metatrain.device: must be auto, cpu, cuda"),
+        ({"metatrain.common.num_stepz": 3}, "metatrain.common.num_stepz: unknown key"),
+        ({"nope.x": 1}, "no section 'nope'"),
+    ]:
+        with pytest.raises(LeoInputError, match=re.escape(message)):
+            prepare_params(tmp_path, updates)
+    assert (tmp_path / "params.yaml").read_bytes() == before
+    original, new, changed = prepare_params(tmp_path, {"report.dpi": 80})
+    assert original.encode() == before and changed == {"report.dpi": (120, 80)}
 
 
 def test_pipeline_stages_follow_the_dag():
     assert pipeline_stages(REPO, ["report"]) == REPORT_STAGES
     assert pipeline_stages(REPO, ["evaluate@5shot"]) == [
+        "check",
         "download",
         "prepare",
         "pretrain",
         "embed",
+        "tune@5shot",
         "metatrain@5shot",
         "evaluate@5shot",
     ]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from leo.prefetch import Prefetcher
+from leo.meta.prefetch import Prefetcher
 
 
 def test_batches_and_recorded_states_match_a_plain_loop():

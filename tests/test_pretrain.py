@@ -1,4 +1,5 @@
-"""Supervised pre-training on tiny real Omniglot: it learns, reads only train, resumes exactly."""
+"""Supervised pre-training on tiny real Omniglot: it learns, reads only train, resumes exactly
+(its DVCLive log included), writes byte-identical checkpoints for equal runs."""
 
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ from shared_data import OMNIGLOT as REAL
 
 from leo.backbone.pretrain import BACKBONE_FILE, PretrainConfig, lr_at, pretrain, split_heldout
 from leo.data.prepared import PreparedSplit, save_prepared
-from leo.errors import LeoInputError
+from leo.utils.errors import LeoInputError
+from leo.utils.live import METRICS_DIR, open_live, read_logged
+from stages import common
 from stages import pretrain as pretrain_stage
-from stages.pretrain import HISTORY_COLUMNS, config_from_params, history_csv
 
 REPO = Path(__file__).resolve().parents[1]
 OMNIGLOT = REAL / "images_background_small1.zip"
@@ -120,10 +122,17 @@ def test_tiny_real_omniglot_pretrain_learns_and_reads_only_train(prepared, tmp_p
     assert ckpt["dataset"] == "omniglot" and len(ckpt["classes"]) == 5
 
 
+def _tsv_files(live_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((live_dir / METRICS_DIR).glob("*.tsv"))}
+
+
 @needs_omniglot
 def test_resume_after_kill_equals_uninterrupted_run(prepared, tmp_path):
     cfg = tiny(epochs=3, dropout=0.2, seed=5)
-    straight = pretrain(prepared, tmp_path / "a", cfg, resume_path=tmp_path / "a.resume")
+    with open_live(tmp_path / "log_a") as live:
+        straight = pretrain(
+            prepared, tmp_path / "a", cfg, resume_path=tmp_path / "a.resume", live=live
+        )
     assert not (tmp_path / "a.resume").exists()  # removed after success
 
     # A stale resume file (another config) must be ignored, not continued.
@@ -134,13 +143,36 @@ def test_resume_after_kill_equals_uninterrupted_run(prepared, tmp_path):
         resume_path=tmp_path / "b.resume",
         stop_after=1,
     )
-    killed = pretrain(
-        prepared, tmp_path / "b", cfg, resume_path=tmp_path / "b.resume", stop_after=2
-    )
+    with open_live(tmp_path / "log_b") as live:
+        killed = pretrain(
+            prepared,
+            tmp_path / "b",
+            cfg,
+            resume_path=tmp_path / "b.resume",
+            stop_after=2,
+            live=live,
+        )
     assert killed["stopped_after"] == 2 and not (tmp_path / "b" / BACKBONE_FILE).exists()
-    resumed = pretrain(prepared, tmp_path / "b", cfg, resume_path=tmp_path / "b.resume")
+    with open_live(tmp_path / "log_b") as live:  # a fresh log, as after DVC removed the outs
+        resumed = pretrain(
+            prepared, tmp_path / "b", cfg, resume_path=tmp_path / "b.resume", live=live
+        )
 
     assert resumed["history"] == straight["history"]
+    # the resumed run's log equals the uninterrupted run's, byte for byte, one row per epoch
+    names = ["train_loss", "train_acc", "heldout_acc", "lr"]
+    assert sorted(_tsv_files(tmp_path / "log_a")) == sorted(f"{n}.tsv" for n in names)
+    assert _tsv_files(tmp_path / "log_a") == _tsv_files(tmp_path / "log_b")
+    logged = read_logged(tmp_path / "log_b", names)
+    assert [{**r, "step": int(r["step"])} for r in logged] == [
+        {"step": r["epoch"], **{n: r[n] for n in names}} for r in straight["history"]
+    ]
+    # equal runs, equal bytes: no timing and no temporary file name inside the checkpoint
+    assert (tmp_path / "a" / BACKBONE_FILE).read_bytes() == (
+        tmp_path / "b" / BACKBONE_FILE
+    ).read_bytes()
+    ckpt = torch.load(tmp_path / "a" / BACKBONE_FILE, weights_only=True)
+    assert "wall_seconds" not in ckpt["metrics"] and "wall_seconds" in straight
     assert resumed["backbone_heldout_accuracy"] == straight["backbone_heldout_accuracy"]
     a = torch.load(tmp_path / "a" / BACKBONE_FILE, weights_only=True)["model"]
     b = torch.load(tmp_path / "b" / BACKBONE_FILE, weights_only=True)["model"]
@@ -164,62 +196,12 @@ def test_poisoned_resume_file_is_refused_not_executed(prepared, tmp_path, monkey
     assert not marker.exists()
 
 
-PARAMS = {
-    "base": {"seed": 0, "dataset": "omniglot"},
-    "pretrain": {
-        "device": "cpu",
-        "heldout_fraction": 0.2,
-        "eval_batch_size": 64,
-        "omniglot": {
-            "depth": 10,
-            "width": 1,
-            "strides": [2, 2, 2],
-            "dropout": 0.0,
-            "epochs": 1,
-            "batch_size": 32,
-            "lr": 0.1,
-            "momentum": 0.9,
-            "nesterov": True,
-            "weight_decay": 5.0e-4,
-            "schedule": "cosine",
-            "milestones": [],
-            "gamma": 0.1,
-            "augment": "shift",
-            "pad": 2,
-            "amp": False,
-        },
-    },
-}
-
-
-def test_params_become_a_config_and_bad_keys_are_named():
-    params = {"base": PARAMS["base"], **PARAMS["pretrain"]}
-    cfg, device = config_from_params(params)
-    assert (cfg.depth, cfg.width, cfg.strides, cfg.seed, device) == (10, 1, (2, 2, 2), 0, "cpu")
-    bad = {**params, "omniglot": {**params["omniglot"], "depth": "ten"}}
-    with pytest.raises(LeoInputError, match=r"'pretrain\.omniglot\.depth' must be int"):
-        config_from_params(bad)
-    bad = {**params, "omniglot": {**params["omniglot"], "schedule": "linear"}}
-    with pytest.raises(LeoInputError, match=r"pretrain\.omniglot: schedule must be one of"):
-        config_from_params(bad)
-    with pytest.raises(LeoInputError, match=r"missing key 'pretrain\.miniImageNet'"):
-        config_from_params({**params, "base": {"seed": 0, "dataset": "miniImageNet"}})
-
-
-def test_history_csv_columns():
-    text = history_csv(
-        [
-            {
-                "epoch": 1,
-                "train_loss": 2.5,
-                "train_acc": 0.1,
-                "heldout_acc": 0.2,
-                "lr": 0.1,
-                "extra": 7,
-            }
-        ]
-    )
-    assert text.splitlines() == [",".join(HISTORY_COLUMNS), "1,2.5,0.1,0.2,0.1"]
+def stage_params() -> dict:
+    """The repository's params.yaml (every stage validates all of it) with a tiny pretrain."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["pretrain"].update(device="cpu", heldout_fraction=0.2, eval_batch_size=64)
+    params["pretrain"]["omniglot"].update(depth=10, width=1, epochs=1, batch_size=32)
+    return params
 
 
 def run_stage(cwd: Path, name: str) -> subprocess.CompletedProcess:
@@ -235,18 +217,22 @@ def run_stage(cwd: Path, name: str) -> subprocess.CompletedProcess:
 
 
 def test_stage_fails_in_one_line_on_missing_prepared_dir_and_bad_key(tmp_path, monkeypatch, capsys):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(stage_params()))
     proc = run_stage(tmp_path, "pretrain")
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0
     assert proc.stderr.startswith("error: data/prepared/manifest.json: no prepared dataset")
 
-    bad = yaml.safe_load(yaml.safe_dump(PARAMS))
+    bad = stage_params()
     bad["pretrain"]["omniglot"]["lr"] = "fast"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
     monkeypatch.chdir(tmp_path)  # the same stage in-process (a second interpreter is slow)
-    with pytest.raises(SystemExit) as exit_info:
-        pretrain_stage.main()
+    common.settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            pretrain_stage.main()
+    finally:
+        common.settings.cache_clear()
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.strip().count("\n") == 0
-    assert "'pretrain.omniglot.lr' must be int/float" in err
+    assert err.startswith("error: params.yaml") and "pretrain.omniglot.lr" in err

@@ -1,4 +1,4 @@
-"""Tests for leo.published on small files in exactly the published format.
+"""Tests for leo.data.published on small files in exactly the published format.
 
 Python 2 fixtures come from ``_py2_pickle``, which writes the protocol-2 opcodes that
 CPython 2.7's ``cPickle.dumps(d, protocol=2)`` writes with numpy 1.16 (``numpy.core``
@@ -21,9 +21,9 @@ import struct
 import numpy as np
 import pytest
 
-from leo.errors import LeoInputError
-from leo.published import import_published, read_published_split
-from leo.store import read_embeddings, read_metadata
+from leo.data.published import import_published, read_published_split
+from leo.data.store import read_embeddings, read_metadata
+from leo.utils.errors import LeoInputError
 
 PY2_BYTES_KEYS = bytes.fromhex(
     "80027d71012855046b6579737102636e756d70792e636f72652e6d756c746961727261790a5f7265636f6e73"

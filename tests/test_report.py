@@ -1,8 +1,8 @@
-"""The report: metrics aggregated from known stage outputs, PNG plots, the report stage."""
+"""The report: metrics aggregated from known stage outputs, histories read from real DVCLive
+logs, PNG plots, the report stage."""
 
 from __future__ import annotations
 
-import csv
 import json
 import struct
 import subprocess
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from leo.errors import LeoInputError
 from leo.report import (
+    HISTORY_COLUMNS,
     PLOTS,
     aggregate,
     plot_histories,
@@ -21,7 +21,8 @@ from leo.report import (
     summary_markdown,
     summary_rows,
 )
-from leo.train import HISTORY_FIELDS
+from leo.utils.errors import LeoInputError
+from leo.utils.live import METRICS_DIR, log_rows, open_live
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONE = {"backbone_heldout_accuracy": 0.875, "wall_seconds": 100.0, "epochs": 30}
@@ -52,18 +53,16 @@ def history_rows(steps=(100, 200, 300), base=0.5) -> list[dict]:
             "val_ci95": 0.01,
             "inner_lr_mean": 1.0 + s / 10000,
             "finetune_lr_mean": 1e-3 * (1 + s / 1000),
-            "elapsed_seconds": s / 10,
         }
         for s in steps
     ]
 
 
-def write_history(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+def write_history(live_dir: Path, rows: list[dict], summary: dict | None = None) -> None:
+    """A real DVCLive log of ``rows`` (as the metatrain stage writes it), plus a summary."""
+    with open_live(live_dir) as live:
+        log_rows(live, rows)
+        live.summary.update(summary or {})
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -136,13 +135,42 @@ def test_aggregate_published_source_and_bad_inputs():
         aggregate(BACKBONE, clash)
 
 
-def test_read_history_checks_columns(tmp_path):
-    write_history(tmp_path / "h.csv", history_rows())
-    rows = read_history(tmp_path / "h.csv")
-    assert [r["step"] for r in rows] == [100.0, 200.0, 300.0]
-    (tmp_path / "bad.csv").write_text("step,train_loss\n1,2\n")
-    with pytest.raises(LeoInputError, match="missing column"):
-        read_history(tmp_path / "bad.csv")
+def test_aggregate_own_embeddings_described_by_their_source():
+    runs = {"1shot": (metatrain_metrics(1, 0.6, 1.0), eval_metrics(0.61, 0.01, 2.0))}
+    own = {"source": "tf-idf + svd", "dataset": "clinc150", "feature_dim": 128, "extra": 1}
+    report = aggregate(own, runs)
+    assert report["embeddings"] == {
+        "source": "tf-idf + svd",
+        "dataset": "clinc150",
+        "feature_dim": 128,
+        "wall_seconds": 0.0,
+    }
+    assert report["wall_seconds"] == 3.0  # no cost given for the embeddings: 0
+    assert "Own embeddings: tf-idf + svd (clinc150, 128-d)." in summary_markdown(report)
+    with pytest.raises(LeoInputError, match="own embeddings"):
+        aggregate({"source": ""}, runs)
+
+
+def test_read_history_from_a_dvclive_log_and_bad_logs(tmp_path):
+    rows = history_rows()
+    rows[1]["val_ci95"] = float("nan")  # DVCLive writes it as text; it reads back as NaN
+    write_history(tmp_path / "log", rows)
+    back = read_history(tmp_path / "log")
+    assert [r["step"] for r in back] == [100.0, 200.0, 300.0]
+    assert back[0] == {k: float(v) for k, v in rows[0].items()}
+    assert back[1]["val_ci95"] != back[1]["val_ci95"]  # NaN
+    assert sorted(p.stem for p in (tmp_path / "log" / METRICS_DIR).iterdir()) == sorted(
+        HISTORY_COLUMNS
+    )
+    (tmp_path / "log" / METRICS_DIR / "val_accuracy.tsv").unlink()
+    with pytest.raises(LeoInputError, match=r"val_accuracy.tsv: not found"):
+        read_history(tmp_path / "log")
+    (tmp_path / "log" / METRICS_DIR / "val_accuracy.tsv").write_text("step\tval_accuracy\n1\tx\n")
+    with pytest.raises(LeoInputError, match=r"val_accuracy.tsv: a non-numeric value"):
+        read_history(tmp_path / "log")
+    (tmp_path / "log" / METRICS_DIR / "val_accuracy.tsv").write_text("step\tloss\n1\t2\n")
+    with pytest.raises(LeoInputError, match=r"val_accuracy.tsv: expected the columns"):
+        read_history(tmp_path / "log")
 
 
 def test_plots_are_pngs_of_the_expected_size(tmp_path):
@@ -170,14 +198,14 @@ def stage_project(root: Path) -> None:
     (reports / "pretrain/metrics.json").write_text(json.dumps(BACKBONE))
     for run, shots, acc in (("1shot", 1, 0.7), ("5shot", 5, 0.9)):
         (reports / "evaluate" / run).mkdir(parents=True)
-        (reports / "metatrain" / run).mkdir(parents=True)
-        (reports / "metatrain" / run / "metrics.json").write_text(
-            json.dumps(metatrain_metrics(shots, acc, 60.0))
-        )
         (reports / "evaluate" / run / "metrics.json").write_text(
             json.dumps(eval_metrics(acc, 0.003, 5.0))
         )
-        write_history(reports / "metatrain" / run / "history.csv", history_rows(base=acc - 0.2))
+        write_history(
+            reports / "metatrain" / run,
+            history_rows(base=acc - 0.2),
+            metatrain_metrics(shots, acc, 60.0),
+        )
 
 
 def report_stage(cwd: Path) -> subprocess.CompletedProcess:
@@ -210,7 +238,8 @@ def test_report_stage_bad_key_and_missing_input_fail_in_one_line(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     done = report_stage(tmp_path)
     assert done.returncode == 2
-    assert done.stderr == "error: params.yaml: unknown key 'report.dpii'\n"
+    assert done.stderr.startswith("error: params.yaml") and "report.dpii" in done.stderr
+    assert done.stderr.count("\n") == 1
     assert not (tmp_path / "reports/metrics.json").exists()
     assert not (tmp_path / "reports/plots").exists()
 

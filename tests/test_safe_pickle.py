@@ -1,4 +1,4 @@
-"""Tests for leo.safe_pickle: real Python 2 pickles load; code-running pickles are refused.
+"""Tests for leo.data.safe_pickle: real Python 2 pickles load; code-running pickles are refused.
 
 The Python 2 fixtures below are the exact bytes that CPython 2.7.18 with numpy 1.16.6 wrote
 (``pip install --target`` of numpy 1.16.6 into a pyenv 2.7.18 interpreter) for::
@@ -27,8 +27,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from leo.errors import LeoInputError
-from leo.safe_pickle import safe_load
+from leo.data.safe_pickle import safe_load
+from leo.utils.errors import LeoInputError
 
 PY2_OBJECT_KEYS = bytes.fromhex(
     "80027d71012855046b6579737102636e756d70792e636f72652e6d756c746961727261790a5f7265636f6e73"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from leo.stats import (
+from leo.comparison.stats import (
     CalibrationTotals,
     expected_calibration_error,
     mean_ci95,

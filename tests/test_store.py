@@ -1,4 +1,4 @@
-"""Tests for leo.store: the documented Parquet schema, loading, validation and peak memory."""
+"""Tests for leo.data.store: the documented Parquet schema, loading, validation and peak memory."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from leo import store
-from leo.errors import LeoInputError
-from leo.store import EmbeddingSplit, read_embeddings, read_metadata, write_embeddings
+from leo.data import store
+from leo.data.store import EmbeddingSplit, read_embeddings, read_metadata, write_embeddings
+from leo.utils.errors import LeoInputError
 
 REPO = Path(__file__).resolve().parents[1]
 PROV = {"dataset": "toy", "split_file": "splits.json", "sources": {"a.pkl": "ab" * 32}}
@@ -372,7 +372,7 @@ _MEASURE = textwrap.dedent(
     """
     import resource, sys, threading, time
     import numpy, pyarrow, pyarrow.parquet, torch
-    from leo.store import read_embeddings
+    from leo.data.store import read_embeddings
 
     def anon_kib():
         with open("/proc/self/status") as f:

@@ -1,23 +1,26 @@
-"""Meta-training: learns an easy problem fast, resumes exactly, checkpoints are safe."""
+"""Meta-training: learns an easy problem fast, resumes exactly (logs included), refuses a state
+made on other data, writes deterministic checkpoints, runs on the threads it is given."""
 
 import time
 
 import pytest
 import torch
 
-from leo.config import make_config
-from leo.errors import LeoInputError
-from leo.evaluate import evaluate
-from leo.synthetic import synthetic_split
-from leo.train import load_checkpoint, meta_train
+from leo.core.config import make_config
+from leo.data.synthetic import synthetic_split
+from leo.meta.evaluate import evaluate
+from leo.meta.loop import data_sha256
+from leo.meta.train import HISTORY_FIELDS, LEO_COLUMNS, load_checkpoint, meta_train
+from leo.utils.errors import LeoInputError
+from leo.utils.live import METRICS_DIR, open_live, read_logged
 
 
-def _splits(dim=32, noise=0.1):
+def _splits(dim=32, noise=0.1, seed=0):
     kw = dict(per_class=20, dim=dim, noise=noise)
     return (
-        synthetic_split(30, split="train", seed=0, **kw),
-        synthetic_split(10, split="val", seed=1, **kw),
-        synthetic_split(10, split="test", seed=2, **kw),
+        synthetic_split(30, split="train", seed=seed, **kw),
+        synthetic_split(10, split="val", seed=seed + 1, **kw),
+        synthetic_split(10, split="test", seed=seed + 2, **kw),
     )
 
 
@@ -35,6 +38,12 @@ def _cfg(**kw):
     return make_config("default", **{**base, **kw})
 
 
+def _logged_files(live_dir):
+    """{relative path: bytes} of a DVCLive log's plot files."""
+    root = live_dir / METRICS_DIR
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.tsv"))}
+
+
 def test_easy_synthetic_problem_reaches_90_percent_within_seconds(tmp_path):
     train, val, test = _splits(noise=0.08)
     cfg = _cfg(num_steps=150, validate_every=50)
@@ -46,23 +55,32 @@ def test_easy_synthetic_problem_reaches_90_percent_within_seconds(tmp_path):
     assert time.perf_counter() - start < 60
 
 
-def test_resume_after_a_kill_continues_the_same_run(tmp_path):
+def test_resume_after_a_kill_continues_the_same_run_and_its_log(tmp_path):
     train, val, _ = _splits()
     cfg = _cfg()
-    straight = meta_train(cfg, train, val, tmp_path / "a", progress=False)
-    killed = meta_train(cfg, train, val, tmp_path / "b", progress=False, stop_after=25)
-    assert killed.steps == 25
-    resumed = meta_train(cfg, train, val, tmp_path / "b", progress=False)
+    with open_live(tmp_path / "log_a") as live:
+        straight = meta_train(cfg, train, val, tmp_path / "a", progress=False, live=live)
+    with open_live(tmp_path / "log_b") as live:
+        killed = meta_train(
+            cfg, train, val, tmp_path / "b", progress=False, stop_after=25, live=live
+        )
+    assert killed.steps == 25 and [r["step"] for r in killed.history] == [10, 20]
+    with open_live(tmp_path / "log_b") as live:  # a fresh log, as after DVC removed the outs
+        resumed = meta_train(cfg, train, val, tmp_path / "b", progress=False, live=live)
     assert resumed.steps == straight.steps == 40
-
-    def strip(rows):
-        return [{k: v for k, v in r.items() if k != "elapsed_seconds"} for r in rows]
-
-    assert strip(resumed.history) == strip(straight.history)
+    assert resumed.history == straight.history  # no timings in the rows: exactly equal
+    assert list(straight.history[0]) == HISTORY_FIELDS + LEO_COLUMNS
     a = torch.load(tmp_path / "a" / "state.pt", weights_only=True)["params"]
     b = torch.load(tmp_path / "b" / "state.pt", weights_only=True)["params"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert (tmp_path / "b" / "history.csv").read_text().count("\n") == 1 + 4
+    assert (tmp_path / "a/best.pt").read_bytes() == (tmp_path / "b/best.pt").read_bytes()
+
+    # the log of the resumed run equals the uninterrupted run's, byte for byte
+    files = _logged_files(tmp_path / "log_a")
+    assert sorted(files) == sorted(f"{c}.tsv" for c in HISTORY_FIELDS[1:] + LEO_COLUMNS)
+    assert files == _logged_files(tmp_path / "log_b")
+    rows = read_logged(tmp_path / "log_b", HISTORY_FIELDS[1:] + LEO_COLUMNS)
+    assert [{**r, "step": int(r["step"])} for r in rows] == straight.history
 
 
 def test_resume_with_another_config_is_refused(tmp_path):
@@ -70,6 +88,34 @@ def test_resume_with_another_config_is_refused(tmp_path):
     meta_train(_cfg(num_steps=10), train, val, tmp_path, progress=False)
     with pytest.raises(LeoInputError, match="state.pt: saved by a different config"):
         meta_train(_cfg(num_steps=10, outer_lr=5e-4), train, val, tmp_path, progress=False)
+
+
+def test_a_state_made_on_other_data_is_refused_for_resume_and_for_a_finished_run(tmp_path):
+    train, val, _ = _splits()
+    other_train, other_val, _ = _splits(seed=10)  # same shapes and config, other embeddings
+    assert data_sha256(train, val) != data_sha256(other_train, val)
+    assert data_sha256(train, val) != data_sha256(train, other_val)
+    cfg = _cfg(num_steps=20)
+    meta_train(cfg, train, val, tmp_path / "killed", progress=False, stop_after=10)
+    finished = meta_train(cfg, train, val, tmp_path / "done", progress=False)
+    for out in ("killed", "done"):
+        for splits in ((other_train, val), (train, other_val)):
+            with pytest.raises(LeoInputError, match=rf"{out}/state.pt: saved by a run on other"):
+                meta_train(cfg, *splits, tmp_path / out, progress=False)
+    # the same data still resumes, or returns the finished result at once
+    again = meta_train(cfg, train, val, tmp_path / "done", progress=False)
+    assert again.history == finished.history and again.best_step == finished.best_step
+    _, _, meta = load_checkpoint(finished.checkpoint)
+    assert meta["data_sha256"] == data_sha256(train, val) and meta["method"] == "leo"
+    assert "wall_seconds" not in meta and "elapsed" not in meta
+
+
+def test_two_runs_on_the_same_inputs_write_byte_identical_best_checkpoints(tmp_path):
+    train, val, _ = _splits()
+    cfg = _cfg(num_steps=20)
+    meta_train(cfg, train, val, tmp_path / "a", progress=False)
+    meta_train(cfg, train, val, tmp_path / "b", progress=False)
+    assert (tmp_path / "a/best.pt").read_bytes() == (tmp_path / "b/best.pt").read_bytes()
 
 
 def test_best_checkpoint_holds_the_best_validation(tmp_path):
@@ -90,6 +136,14 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
+def test_an_unreadable_state_is_refused_in_one_line(tmp_path):
+    train, val, _ = _splits()
+    (tmp_path / "state.pt").write_bytes(b"half a file")
+    with pytest.raises(LeoInputError, match=r"state.pt: unreadable training state") as err:
+        meta_train(_cfg(num_steps=10), train, val, tmp_path, progress=False)
+    assert "\n" not in str(err.value)
+
+
 def test_prefetching_on_a_thread_trains_exactly_like_drawing_in_line(tmp_path):
     train, val, _ = _splits()
     cfg = _cfg(num_steps=30)
@@ -101,6 +155,44 @@ def test_prefetching_on_a_thread_trains_exactly_like_drawing_in_line(tmp_path):
     sa = torch.load(tmp_path / "a" / "state.pt", weights_only=True)
     sb = torch.load(tmp_path / "b" / "state.pt", weights_only=True)
     # the saved generator states are those after the last step's batch, not a batch ahead
-    assert torch.equal(sa["episode_gen"], sb["episode_gen"])
-    assert torch.equal(sa["noise_gen"], sb["noise_gen"])
+    assert all(torch.equal(x, y) for x, y in zip(sa["generators"], sb["generators"], strict=True))
     assert [r["val_accuracy"] for r in ahead.history] == [r["val_accuracy"] for r in inline.history]
+
+
+class _ThreadSpy:
+    """A stand-in for a DVCLive log that records torch's thread setting at every row."""
+
+    def __init__(self) -> None:
+        self.summary: dict = {}
+        self.step = 0
+        self.threads: list[int] = []
+
+    def log_metric(self, name, value) -> None:
+        pass
+
+    def next_step(self) -> None:
+        self.threads.append(torch.get_num_threads())
+
+
+def test_training_runs_on_the_cpu_threads_it_is_given_and_restores_the_setting(tmp_path):
+    train, val, _ = _splits()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        spy = _ThreadSpy()
+        meta_train(_cfg(num_steps=20), train, val, tmp_path / "a", progress=False, live=spy)
+        assert spy.threads == [1, 1]  # DEFAULT_CPU_THREADS, as the stages run
+        assert torch.get_num_threads() == 2
+        spy = _ThreadSpy()
+        meta_train(
+            _cfg(num_steps=20),
+            train,
+            val,
+            tmp_path / "b",
+            progress=False,
+            live=spy,
+            cpu_threads=None,
+        )
+        assert spy.threads == [2, 2]  # None: torch's own setting
+    finally:
+        torch.set_num_threads(before)

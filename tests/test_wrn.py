@@ -19,7 +19,7 @@ from leo.backbone.wrn import (
     load_backbone,
     to_input,
 )
-from leo.errors import LeoInputError
+from leo.utils.errors import LeoInputError
 
 
 @pytest.fixture(autouse=True)

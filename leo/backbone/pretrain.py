@@ -10,109 +10,51 @@ history, elapsed time, a fingerprint of config and data) is written atomically. 
 epoch draws its randomness (shuffling, augmentation, dropout) from generators seeded by
 ``(seed, epoch)``, so the RNG state at an epoch boundary is a function of the epoch number
 and a resumed run ends with the same weights as an uninterrupted one.
+
+Logs: one row per epoch (``train_loss``, ``train_acc``, ``heldout_acc``, ``lr`` at step =
+epoch) into a DVCLive log when one is given (:mod:`leo.utils.live`); a resumed run logs the
+saved epochs first, so the log equals an uninterrupted run's. Checkpoints are written with
+:func:`leo.utils.atomic.write_torch` and hold no timings, so equal runs give equal bytes.
+
+Data parallel (``dist``: ``W`` processes under torchrun, :mod:`leo.backbone.distributed`):
+the same global batch and learning-rate schedule as one process, each rank training on
+``batch_size / W`` rows of every global batch (:mod:`leo.backbone.epoch`) inside
+DistributedDataParallel; with batch norm synchronised across processes (``sync_bn``) the
+trained model equals one process's up to float rounding. Rank 0 alone writes the resume
+file, ``backbone.pt`` and the log; at start it reads the resume file and sends it to every
+rank. Each rank holds the whole training split in memory. With one process the code path and
+every byte written are those of a plain run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from leo.atomic import atomic_path
-from leo.backbone.augment import AUGMENTATIONS, augment
-from leo.backbone.wrn import WideResNet, WRNConfig, backbone_checkpoint, channel_stats, to_input
+from leo.backbone.config import PretrainConfig
+from leo.backbone.distributed import Dist, sync_batchnorm
+from leo.backbone.epoch import accuracy, lr_at, train_epoch
+from leo.backbone.wrn import WideResNet, WRNConfig, backbone_checkpoint, channel_stats
 from leo.data.prepared import MANIFEST, load_manifest, load_prepared_split
-from leo.errors import LeoInputError
+from leo.utils.atomic import write_torch
+from leo.utils.errors import LeoInputError
+from leo.utils.hashing import file_sha256
+from leo.utils.live import log_row, log_rows
+
+if TYPE_CHECKING:
+    from dvclive import Live
 
 BACKBONE_FILE = "backbone.pt"
-SCHEDULES = ("cosine", "step")
-
-
-@dataclass
-class PretrainConfig:
-    """Architecture and optimisation of the pre-training.
-
-    Attributes:
-        depth: WRN depth d (6n + 4).
-        width: WRN widening factor k; features are 64k-d.
-        strides: strides of the three groups (paper: three down-sampling steps).
-        dropout: dropout rate inside the blocks.
-        epochs: passes over the (non-held-out) meta-train images.
-        batch_size: images per SGD step.
-        lr: peak learning rate.
-        momentum: SGD momentum.
-        nesterov: Nesterov momentum.
-        weight_decay: L2 weight decay (SGD's coupled form).
-        schedule: ``cosine`` (to 0 over all iterations) or ``step`` (times ``gamma`` at
-            every epoch in ``milestones``).
-        milestones: epochs at which the step schedule decays.
-        gamma: step-schedule decay factor.
-        augment: ``shift`` (Omniglot), ``crop_flip`` (natural images) or ``none``.
-        pad: padding (pixels) for the random shift/crop.
-        heldout_fraction: fraction of every class's images held out for model selection.
-        eval_batch_size: batch size of held-out evaluation.
-        amp: bfloat16 autocast on CUDA (ignored on CPU).
-        seed: seed of the held-out split and of every epoch's randomness.
-    """
-
-    depth: int = 10
-    width: int = 2
-    strides: tuple[int, int, int] = (2, 2, 2)
-    dropout: float = 0.0
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    milestones: list[int] = field(default_factory=list)
-    gamma: float = 0.1
-    augment: str = "shift"
-    pad: int = 2
-    heldout_fraction: float = 0.1
-    eval_batch_size: int = 512
-    amp: bool = False
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        """Raises ValueError naming the bad field."""
-        self.strides = tuple(int(s) for s in self.strides)
-        self.milestones = [int(m) for m in self.milestones]
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.augment not in AUGMENTATIONS:
-            raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        WRNConfig(self.depth, self.width, self.strides)  # validates depth/width/strides
-
-
-def resolve_device(name: str, what: str = "device") -> torch.device:
-    """``auto`` -> ``cuda`` when available else ``cpu``; ``cpu``/``cuda`` as asked.
-
-    Raises:
-        LeoInputError: an unknown name, or ``cuda`` without CUDA; the message starts with ``what``.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise LeoInputError(f"{what} must be auto, cpu or cuda, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LeoInputError(f"{what} is 'cuda' but CUDA is not available")
-    return torch.device(name)
+RUN_ONLY = ("device", "processes", "wall_seconds")  # metrics of how it ran, not in backbone.pt
 
 
 def split_heldout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -140,119 +82,6 @@ def split_heldout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
     return np.flatnonzero(mask).astype(np.int64), held.astype(np.int64)
 
 
-def lr_at(cfg: PretrainConfig, progress: float) -> float:
-    """Learning rate after ``progress`` epochs (a float: iteration / iterations-per-epoch)."""
-    if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress / cfg.epochs, 1.0)))
-    return cfg.lr * cfg.gamma ** sum(progress >= m for m in cfg.milestones)
-
-
-def train_step(
-    model: WideResNet,
-    optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    lr: float,
-    amp: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One SGD step on a batch; returns (summed loss, number correct), both 0-d tensors.
-
-    Args:
-        x: augmented images ``(B, C, H, W)`` in [0, 1].
-        y: int64 labels ``(B,)``.
-    """
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-        logits = model(x)
-    loss = F.cross_entropy(logits.float(), y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach() * len(y), (logits.argmax(1) == y).sum()
-
-
-@torch.inference_mode()
-def accuracy(
-    model: WideResNet, images: torch.Tensor, labels: torch.Tensor, idx: np.ndarray, batch_size: int
-) -> float:
-    """Eval-mode accuracy on ``images[idx]`` (uint8 ``(n, H, W, C)`` on the CPU), batched."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    correct = 0
-    for s in range(0, len(idx), batch_size):
-        b = idx[s : s + batch_size]
-        x = to_input(images[b], device).contiguous(memory_format=torch.channels_last)
-        correct += int((model(x).argmax(1).cpu() == labels[b]).sum())
-    model.train(was_training)
-    return correct / max(len(idx), 1)
-
-
-def train_epoch(
-    model: WideResNet,
-    optimizer: torch.optim.Optimizer,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    train_idx: np.ndarray,
-    cfg: PretrainConfig,
-    epoch: int,
-) -> tuple[float, float]:
-    """One pass over ``images[train_idx]`` in a seeded random order, with augmentation.
-
-    All randomness (order, augmentation, dropout) comes from ``(cfg.seed, epoch)``; the
-    global RNG state is restored afterwards.
-
-    Args:
-        images: uint8 ``(n, H, W, C)`` on the CPU; labels: int64 ``(n,)``.
-        train_idx: the indices trained on.
-        epoch: 0-based epoch (the learning rate follows ``lr_at(cfg, epoch + step / steps)``).
-
-    Returns:
-        (mean training loss, training accuracy) over the epoch, under augmentation.
-    """
-    device = next(model.parameters()).device
-    amp = cfg.amp and device.type == "cuda"
-    steps = math.ceil(len(train_idx) / cfg.batch_size)
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        gen = _seed_epoch(cfg.seed, epoch)
-        order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        for step in range(steps):
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            x = augment(to_input(images[idx], device), cfg.augment, cfg.pad, gen)
-            x = x.contiguous(memory_format=torch.channels_last)
-            y = labels[idx].to(device)
-            lr = lr_at(cfg, epoch + step / steps)
-            loss_b, correct_b = train_step(model, optimizer, x, y, lr, amp)
-            loss_sum += loss_b
-            correct += correct_b
-    return float(loss_sum) / len(train_idx), int(correct) / len(train_idx)
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 8 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 23):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _seed_epoch(seed: int, epoch: int) -> torch.Generator:
-    """Seed the global CPU/CUDA RNGs (dropout) and return the epoch's data generator."""
-    epoch_seed = (seed * 1_000_003 + epoch) % (2**63)
-    torch.manual_seed(epoch_seed)  # callers wrap the epoch in torch.random.fork_rng
-    return torch.Generator().manual_seed(epoch_seed)
-
-
-def _save(obj: dict, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
 def _load_resume(path: Path, fingerprint: str) -> dict | None:
     """The resume checkpoint at ``path`` if it exists and matches ``fingerprint``."""
     if not path.is_file():
@@ -275,6 +104,9 @@ def pretrain(
     device: torch.device | str = "cpu",
     resume_path: str | Path | None = None,
     stop_after: int | None = None,
+    live: Live | None = None,
+    dist: Dist | None = None,
+    sync_bn: bool = True,
 ) -> dict:
     """Pre-train a WRN on the meta-train split and save the best held-out checkpoint.
 
@@ -286,16 +118,32 @@ def pretrain(
         resume_path: resume checkpoint, written every epoch and read at start when it
             matches this config and data; removed after success. None: no resume.
         stop_after: stop after this many completed epochs (simulates a kill; for tests).
+        live: a fresh DVCLive log (:func:`leo.utils.live.open_live`) for the epoch rows
+            (step = epoch); None: no log. Give it on rank 0 only.
+        dist: the processes (:func:`leo.backbone.distributed.init_distributed`; None: one);
+            its device replaces ``device``. Rank 0 writes every file.
+        sync_bn: with several processes, batch-norm statistics over all of them.
 
     Returns:
         Metrics: ``backbone_heldout_accuracy`` (best over epochs, the selected model),
         ``backbone_train_accuracy`` (the selected model in eval mode on the non-held-out
         images), ``epochs``, ``best_epoch``, ``wall_seconds`` (summed over resumed runs),
-        ``num_classes``, ``feature_dim``, image counts, ``device``, and ``history`` (one
-        dict per epoch: epoch, train_loss, train_acc, heldout_acc, lr at the epoch start).
+        ``num_classes``, ``feature_dim``, image counts, ``device``, ``processes``, and
+        ``history`` (one dict per epoch: epoch, train_loss, train_acc, heldout_acc, lr at
+        the epoch start).
+
+    Raises:
+        LeoInputError: unreadable resume file, or a batch size that the processes do not
+            divide.
     """
     t0 = time.perf_counter()
-    device = torch.device(device)
+    dist = dist or Dist.single(device)
+    device = dist.device
+    if cfg.batch_size % dist.world_size:
+        raise LeoInputError(
+            f"batch_size {cfg.batch_size} is not divisible by the {dist.world_size} processes "
+            "(each takes an equal share of the global batch)"
+        )
     prepared_root, out_dir = Path(prepared_root), Path(out_dir)
     split = load_prepared_split(prepared_root, "train")
     dataset = load_manifest(prepared_root).get("dataset", "unknown")
@@ -314,6 +162,8 @@ def pretrain(
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         model = WideResNet(wrn, *channel_stats(split.images, train_idx))
+    if dist.distributed and sync_bn:
+        model = sync_batchnorm(model, device)
     model = model.to(device, memory_format=torch.channels_last)
     weights = [p for p in model.parameters() if p.ndim > 1]
     others = [p for p in model.parameters() if p.ndim <= 1]
@@ -328,19 +178,34 @@ def pretrain(
     start, elapsed, history = 0, 0.0, []
     best = {"heldout_acc": -1.0, "epoch": 0, "model": None}
     resume_path = Path(resume_path) if resume_path is not None else None
-    state = _load_resume(resume_path, fingerprint) if resume_path is not None else None
+    state = None
+    if resume_path is not None and dist.is_main:
+        state = _load_resume(resume_path, fingerprint)
+    state = dist.broadcast(state)  # rank 0's resume state on every rank
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, elapsed = state["epoch"], state["wall_seconds"]
         history, best = state["history"], state["best"]
+    log_rows(live, history, step_key="epoch")
+    net = model
+    if dist.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=ids)
 
     bar = tqdm(
-        range(start, cfg.epochs), initial=start, total=cfg.epochs, desc="pretrain", disable=None
+        range(start, cfg.epochs),
+        initial=start,
+        total=cfg.epochs,
+        desc="pretrain",
+        disable=None if dist.is_main else True,
     )
     for epoch in bar:
-        loss, acc = train_epoch(model, optimizer, images, labels, train_idx, cfg, epoch)
-        held = accuracy(model, images, labels, held_idx, cfg.eval_batch_size)
+        loss, acc = train_epoch(net, optimizer, images, labels, train_idx, cfg, epoch, dist)
+        dist.sync_buffers(model)  # without synchronised batch norm the ranks' statistics differ
+        held = accuracy(model, images, labels, held_idx, cfg.eval_batch_size, dist)
         row = {
             "epoch": epoch + 1,
             "train_loss": loss,
@@ -349,16 +214,17 @@ def pretrain(
             "lr": lr_at(cfg, epoch),
         }
         history.append(row)
+        log_row(live, row, step_key="epoch")
         if held > best["heldout_acc"]:
             best = {"heldout_acc": held, "epoch": epoch + 1, "model": _cpu_state(model)}
         bar.set_postfix(loss=f"{loss:.3f}", heldout=f"{held:.3f}")
-        if bar.disable:
+        if bar.disable and dist.is_main:
             print(
                 f"pretrain epoch {epoch + 1}/{cfg.epochs} loss {loss:.4f} train_acc {acc:.4f} "
                 f"heldout_acc {held:.4f}",
                 file=sys.stderr,
             )
-        if resume_path is not None:
+        if resume_path is not None and dist.is_main:
             resume = {
                 "fingerprint": fingerprint,
                 "epoch": epoch + 1,
@@ -368,16 +234,17 @@ def pretrain(
                 "history": history,
                 "wall_seconds": elapsed + time.perf_counter() - t0,
             }
-            _save(resume, resume_path)
+            write_torch(resume_path, resume)
         if stop_after is not None and epoch + 1 >= stop_after:
             bar.close()
             return {"stopped_after": epoch + 1, "history": history}
     bar.close()
 
     model.load_state_dict(best["model"])
+    train_acc = accuracy(model, images, labels, train_idx, cfg.eval_batch_size, dist)
     metrics = {
         "backbone_heldout_accuracy": best["heldout_acc"],
-        "backbone_train_accuracy": accuracy(model, images, labels, train_idx, cfg.eval_batch_size),
+        "backbone_train_accuracy": train_acc,
         "epochs": cfg.epochs,
         "best_epoch": best["epoch"],
         "wall_seconds": elapsed + time.perf_counter() - t0,
@@ -386,7 +253,10 @@ def pretrain(
         "num_train_images": len(train_idx),
         "num_heldout_images": len(held_idx),
         "device": device.type,
+        "processes": dist.world_size,
     }
+    if not dist.is_main:
+        return {**metrics, "history": history}
     ckpt = backbone_checkpoint(
         model,
         dataset=dataset,
@@ -395,9 +265,9 @@ def pretrain(
         train_sha256=data_sha,
         manifest_sha256=manifest_sha,
         pretrain_config=json.dumps(asdict(cfg), default=list),
-        metrics={k: v for k, v in metrics.items() if k != "device"},
+        metrics={k: v for k, v in metrics.items() if k not in RUN_ONLY},
     )
-    _save(ckpt, out_dir / BACKBONE_FILE)
+    write_torch(out_dir / BACKBONE_FILE, ckpt)
     if resume_path is not None:
         resume_path.unlink(missing_ok=True)
     return {**metrics, "history": history}

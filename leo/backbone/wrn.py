@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leo.errors import LeoInputError
+from leo.utils.errors import LeoInputError
 
 
 @dataclass

@@ -9,7 +9,8 @@ A prepared dataset is a directory with:
   ``classes`` list) and ``ids`` unicode ``(n,)`` (stable example ids, unique in the split).
 
 Arrays are stored uncompressed so they load with ``allow_pickle=False`` and no copy-heavy
-decompression. Writes are atomic.
+decompression; the files' bytes depend only on the arrays (:func:`leo.utils.arrays.write_npz`).
+Writes are atomic.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from leo.atomic import atomic_path, write_json
-from leo.errors import LeoInputError
+from leo.utils.arrays import write_npz
+from leo.utils.atomic import write_json
+from leo.utils.errors import LeoInputError
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
@@ -63,14 +65,12 @@ def save_prepared(out_dir: str | Path, splits: dict[str, PreparedSplit], meta: d
     manifest["channels"] = int(first.images.shape[3])
     manifest["splits"] = {}
     for name, split in splits.items():
-        with atomic_path(out_dir / f"{name}.npz") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(
-                    f,
-                    images=split.images,
-                    labels=split.labels.astype(np.int64),
-                    ids=split.ids.astype(str),
-                )
+        write_npz(
+            out_dir / f"{name}.npz",
+            images=split.images,
+            labels=split.labels.astype(np.int64),
+            ids=split.ids.astype(str),
+        )
         manifest["splits"][name] = {"classes": list(split.classes), "num_images": len(split.images)}
     write_json(out_dir / MANIFEST, manifest)
 
