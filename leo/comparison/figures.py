@@ -36,6 +36,7 @@ the neighbour agreement is a descriptive number, not a held-out accuracy.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -339,7 +340,8 @@ def figure2(
         shots: K of the episodes (the paper: 1); K > 1 uses each class's mean code.
         iterations: t-SNE gradient steps, early exaggeration included.
         device: where to adapt (default: the split's device); the t-SNE runs on the CPU.
-        threads: the t-SNE's CPU threads (None: torch's intra-op thread count).
+        threads: the t-SNE's CPU threads (None: every core; the map is the same whatever
+            the threads, only the time changes: 29 s on one core, 21 s on two, here).
         figsize, dpi: figure size in inches and resolution.
 
     Returns:
@@ -358,7 +360,7 @@ def figure2(
     codes = len(z0)
     kind = np.repeat([0, 1], codes)
     perplexity = min(perplexity, (2 * codes - 1) / 3)
-    threads = torch.get_num_threads() if threads is None else threads
+    threads = (os.cpu_count() or 1) if threads is None else threads
     result = tsne_map(
         np.concatenate([z0, z1]),
         perplexity=perplexity,

@@ -44,6 +44,7 @@ from leo.core.model import (
     decoder_std_offset,
     l2_penalty,
     positive,
+    shifted_expm1,
 )
 
 Noise = dict[str, Tensor]
@@ -104,9 +105,8 @@ def _std_and_slope(raw: Tensor, offset: float) -> tuple[Tensor, Tensor]:
     """std = max(expm1(raw) + offset, 1e-10) and d std / d raw = exp(raw) [t >= 1e-10]
     (the clamp's derivative). The mask is made by arithmetic (leo.core.model.positive): a CPU
     comparison to bool costs several times more than the whole expression."""
-    em1 = torch.expm1(raw)  # exp(raw) - 1 without cancellation near raw = 0
-    t = em1 + offset
-    return t.clamp_min(STD_FLOOR), (em1 + 1.0) * (1.0 - positive(STD_FLOOR - t))
+    t, e = shifted_expm1(raw, offset)  # expm1(raw) + offset: no cancellation near raw = 0
+    return t.clamp_min(STD_FLOOR), e * (1.0 - positive(STD_FLOOR - t))
 
 
 def _decode(z: Tensor, w_mu: Tensor, w_raw: Tensor, eps: Tensor | None, offset: float):
