@@ -2,8 +2,9 @@
 
 std = exp(raw) - 1 (the latents' offset is 0) loses float32's digits near raw = 0 (exp(raw)
 rounds to a spacing of 1.2e-7 around 1, then 1 is subtracted); expm1(raw) is the same
-function without that loss (docs/model.md, point 3; leo.core.model.shifted_expm1). These tests feed exactly representable float32
-inputs to both precisions, so every difference is rounding inside the computation.
+function without that loss (docs/model.md, point 3; leo.core.model.shifted_expm1). These
+tests feed exactly representable float32 inputs to both precisions, so every difference is
+rounding inside the computation.
 """
 
 import dataclasses
