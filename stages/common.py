@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from leo.settings import Settings, load_settings, params_path
+from leo.utils.atomic import write_json
 from leo.utils.errors import LeoInputError
 
 
@@ -70,6 +74,32 @@ def parse_run_args(stage: str, description: str | None, splits: str) -> argparse
         help=f"directory of {splits} (default: data/embeddings)",
     )
     return parser.parse_args()
+
+
+STAMP = "fingerprint.json"  # a work directory's inputs (prepare_work_dir)
+
+
+def prepare_work_dir(work: Path, fingerprint: dict[str, Any]) -> bool:
+    """A stage's resumable work directory, outside DVC's outs (which DVC clears before a run).
+
+    ``work`` is kept (the stage resumes it) only if its ``fingerprint.json`` equals
+    ``fingerprint`` (the inputs: config, device, data digests) and it holds more than that
+    stamp; otherwise it is emptied and stamped. Returns whether the stage resumes.
+    """
+    stamp = work / STAMP
+    fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back (tuples as lists)
+    if stamp.is_file():
+        try:
+            same = json.loads(stamp.read_text()) == fingerprint
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            same = False
+        if same and any(p.name != stamp.name for p in work.iterdir()):
+            return True
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    write_json(stamp, fingerprint)
+    return False
 
 
 # Where the stages read and write (dvc.yaml declares the same paths).

@@ -18,25 +18,42 @@ test episodes' ``seed`` and ``batch_size`` (``evaluate``). Keys of ``compare``:
 Reads ``data/metatrain/RUN/best.pt`` (plain LEO, not retrained) and
 ``DIR/{train,val,test}.parquet``; writes ``data/compare/RUN/`` (trained methods'
 checkpoints, per-episode accuracies) and ``reports/compare/RUN/`` (see
-:mod:`leo.comparison.compare`).
+:mod:`leo.comparison.compare`). The methods train in ``tmp/compare/RUN/`` (outside DVC's outs,
+which DVC clears before a run): a killed run with the same inputs resumes them there.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 from pathlib import Path
 from typing import Any
 
 from leo.comparison.compare import CompareSettings, compare
 from leo.comparison.methods import TUNED
 from leo.data.store import check_disjoint_classes, read_embeddings
+from leo.meta.loop import STATE_FILE
 from leo.settings import Settings
 from leo.tune.outputs import read_best
 from leo.tune.space import apply
+from leo.utils.atomic import atomic_dir
 from leo.utils.device import resolve_device
 from leo.utils.errors import LeoInputError
-from stages.common import COMPARE, METATRAIN, REPORTS, parse_run_args, settings, stage_main, where
+from leo.utils.hashing import file_sha256
+from stages.common import (
+    COMPARE,
+    METATRAIN,
+    REPORTS,
+    STAMP,
+    parse_run_args,
+    prepare_work_dir,
+    settings,
+    stage_main,
+    where,
+)
 
 TUNE = Path("data/tune")
+WORK = Path("tmp/compare")  # the trainings, resumable after a kill (DVC clears the outs)
 
 
 def tuned_values(params: Settings, run: str) -> dict[str, Any]:
@@ -81,17 +98,36 @@ def run(run_name: str, params: Settings, embeddings: Path) -> dict[str, Any]:
     splits = [read_embeddings(p) for p in paths]
     if len({s.dim for s in splits}) != 1:
         raise LeoInputError(f"{embeddings}: train, val and test differ in dimension")
-    return compare(
+    leo = METATRAIN / run_name / "best.pt"
+    work = WORK / run_name
+    fingerprint = {
+        "config": base.to_dict(),
+        "settings": dataclasses.asdict(opts),
+        "device": device.type,
+        "leo_sha256": file_sha256(leo),
+        **{f"{p.stem}_sha256": file_sha256(p) for p in paths},
+    }
+    if prepare_work_dir(work, fingerprint):
+        print(f"compare {run_name}: resuming the trainings of {work}", flush=True)
+    table = compare(
         run_name,
         base,
         opts,
-        METATRAIN / run_name / "best.pt",
+        leo,
         *splits,
-        COMPARE / run_name,
+        work,
         REPORTS / "compare" / run_name,
         device=device,
         cpu_threads=None,  # the stage set base.cpu_threads already
     )
+    # The outs: the trained methods' best.pt and the per-episode accuracies; their state.pt
+    # (resume only, with timings) stay behind and go.
+    with atomic_dir(COMPARE / run_name) as tmp:
+        shutil.copytree(
+            work, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(STATE_FILE, STAMP)
+        )
+    shutil.rmtree(work)
+    return table
 
 
 @stage_main

@@ -19,7 +19,6 @@ another config or other embeddings starts afresh.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -30,30 +29,23 @@ from leo.meta.train import meta_train
 from leo.settings import Settings
 from leo.tune.outputs import read_best
 from leo.tune.space import apply
-from leo.utils.atomic import atomic_dir, write_json
+from leo.utils.atomic import atomic_dir
 from leo.utils.device import resolve_device
 from leo.utils.errors import LeoInputError
 from leo.utils.hashing import file_sha256
 from leo.utils.live import open_live
-from stages.common import METATRAIN, REPORTS, parse_run_args, settings, stage_main, where
+from stages.common import (
+    METATRAIN,
+    REPORTS,
+    parse_run_args,
+    prepare_work_dir,
+    settings,
+    stage_main,
+    where,
+)
 
 WORK = Path("tmp/metatrain")
 TUNE = Path("data/tune")  # tune@<run>'s best.yaml: applied when metatrain.runs.<run>.from_tune
-
-
-def prepare_work_dir(work: Path, fingerprint: dict[str, Any]) -> bool:
-    """Keep ``work`` (resume) only if it holds the same fingerprint; return whether resuming."""
-    stamp = work / "fingerprint.json"
-    if stamp.is_file():
-        try:
-            if json.loads(stamp.read_text()) == fingerprint and (work / "state.pt").is_file():
-                return True
-        except json.JSONDecodeError:
-            pass
-    if work.exists():
-        shutil.rmtree(work)
-    write_json(stamp, fingerprint)
-    return False
 
 
 def run(run_name: str, params: Settings, embeddings: Path) -> dict[str, Any]:

@@ -320,7 +320,12 @@ def test_runs_on_the_threads_asked_and_puts_torch_s_back(outputs, tmp_path):
         torch.set_num_threads(1)
     one = json.loads((tmp_path / "one" / "reports" / "figure2.json").read_text())
     own = json.loads((tmp_path / "torch" / "figure2.json").read_text())
-    assert one["tsne_threads"] == 1 and own["tsne_threads"] == 2
+    # the t-SNE on every core either way, and the same map (Figure 2's numbers) whatever the
+    # torch threads
+    assert one["tsne_threads"] == own["tsne_threads"] == (os.cpu_count() or 1)
+    assert {k: v for k, v in one.items() if "seconds" not in k and k != "png"} == {
+        k: v for k, v in own.items() if "seconds" not in k and k != "png"
+    }
 
 
 @pytest.mark.parametrize(

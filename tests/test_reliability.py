@@ -239,3 +239,84 @@ def test_temporaries_of_a_killed_write_are_cleared_before_the_next(tmp_path):
     with atomic_dir(out) as tmp:
         (tmp / "train.parquet").write_bytes(b"whole")
     assert files_under(tmp_path) == ["data/embeddings/train.parquet"]
+
+
+def _compare_doc() -> dict:
+    """params.yaml with a compare@1shot of a few seconds: LEO and one trained ablation."""
+    doc = params_with(
+        metatrain__common__num_steps=4,
+        metatrain__common__validate_every=2,
+        metatrain__common__val_batches=1,
+        metatrain__common__val_batch_size=4,
+        metatrain__common__batch_size=2,
+        evaluate__num_episodes=20,
+        evaluate__batch_size=10,
+        compare__methods=["leo", "leo-deterministic"],
+        compare__num_episodes=20,
+        compare__ensemble_episodes=0,
+        compare__figure_episodes=0,
+    )
+    doc["tune"]["runs"] = {}  # no search: nothing tuned to read
+    for run in doc["metatrain"]["runs"].values():
+        run.pop("from_tune", None)
+    return doc
+
+
+def _compare_project(root: Path, params) -> Path:
+    """Embeddings and a meta-trained data/metatrain/1shot/best.pt of ``params``' config."""
+    emb = root / "emb"
+    for split, prefix in (("train", "a"), ("val", "b"), ("test", "c")):
+        _write_split(emb, split, [f"{prefix}{i}" for i in range(6)], [24] * 6)
+    from leo.data.store import read_embeddings
+
+    train, val = (read_embeddings(emb / f"{s}.parquet") for s in ("train", "val"))
+    done = meta_train(params.run_config("1shot"), train, val, root / "mt", progress=False)
+    best = root / "data" / "metatrain" / "1shot" / "best.pt"
+    best.parent.mkdir(parents=True)
+    best.write_bytes(done.checkpoint.read_bytes())
+    return emb
+
+
+def test_a_killed_compare_resumes_its_trainings_and_writes_the_same_bytes(
+    tmp_path, monkeypatch, capsys
+):
+    from leo.comparison import compare as compare_module
+    from stages import compare as compare_stage
+
+    params = parse_settings(_compare_doc())
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    for root in (whole, killed):
+        _compare_project(root, params)
+    monkeypatch.chdir(whole)
+    compare_stage.run("1shot", params, whole / "emb")
+    outs = {p: p.read_bytes() for p in sorted((whole / "data" / "compare").rglob("*.*"))}
+    # only the outs: the trained method's best.pt and the accuracies, no resume state
+    assert sorted(str(p.relative_to(whole)) for p in outs) == [
+        "data/compare/1shot/accuracies.npz",
+        "data/compare/1shot/leo-deterministic/best.pt",
+    ]
+    assert not (whole / "tmp" / "compare" / "1shot").exists()
+
+    # "kill" after the trainings, before the scoring: the work stays, no outs appear
+    monkeypatch.chdir(killed)
+
+    def killed_here(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare_module, "score_methods", killed_here)
+    with pytest.raises(KeyboardInterrupt):
+        compare_stage.run("1shot", params, killed / "emb")
+    work = killed / "tmp" / "compare" / "1shot"
+    assert (work / "leo-deterministic" / "state.pt").is_file()
+    assert not (killed / "data" / "compare").exists()
+    monkeypatch.undo()
+    monkeypatch.chdir(killed)
+    capsys.readouterr()
+    compare_stage.run("1shot", params, killed / "emb")
+    assert f"compare 1shot: resuming the trainings of {Path('tmp/compare/1shot')}" in (
+        capsys.readouterr().out
+    )
+    assert not work.exists()
+    again = {p: p.read_bytes() for p in sorted((killed / "data" / "compare").rglob("*.*"))}
+    assert [p.relative_to(killed) for p in again] == [p.relative_to(whole) for p in outs]
+    assert list(again.values()) == list(outs.values())

@@ -295,8 +295,9 @@ def compare(
             ``figure2.json`` when ``settings.figure_episodes > 0``; ``maml/`` (MAML's DVCLive
             training log) when MAML is compared. Every file is written atomically.
         device: where to train and score (None or "auto": CUDA when present, else the CPU).
-        cpu_threads: intra-op CPU threads while it runs, the t-SNE's included (None: torch's
-            setting); torch's setting is put back afterwards.
+        cpu_threads: torch's intra-op CPU threads while it runs (None: torch's setting);
+            torch's setting is put back afterwards. Figure 2's t-SNE runs on every core
+            (its map is the same whatever the threads).
 
     Returns:
         The content of ``table.json`` (module docstring): per method its accuracy and 95%
