@@ -39,6 +39,7 @@ HISTORY_COLUMNS = (  # what the metatrain stage logs per validation (besides the
     "train_accuracy",
     "val_accuracy",
     "val_ci95",
+    "nonfinite_steps",
     "inner_lr_mean",
     "finetune_lr_mean",
 )
@@ -209,6 +210,11 @@ def _save(fig, path: Path, dpi: int) -> None:
     plt.close(fig)
 
 
+def _with(rows: list[dict[str, float]], key: str) -> list[dict[str, float]]:
+    """The rows where ``key`` is finite, in order (the rows :func:`_finite` draws)."""
+    return [r for r in rows if math.isfinite(r.get(key, math.nan))]
+
+
 def _finite(rows: list[dict[str, float]], key: str) -> tuple[list[float], list[float]]:
     pairs = [(r["step"], r[key]) for r in rows if math.isfinite(r.get(key, math.nan))]
     return [p[0] for p in pairs], [p[1] for p in pairs]
@@ -223,7 +229,9 @@ def plot_histories(
 ) -> list[Path]:
     """Draw the training curves of every run into ``out_dir``; returns the PNG paths.
 
-    - ``loss.png``: meta-training loss (averaged between validations) against outer step;
+    - ``loss.png``: meta-training loss (averaged between validations over the steps with a
+      finite loss) against outer step, on a log scale; a cross marks an interval with
+      non-finite steps (``nonfinite_steps``);
     - ``accuracy.png``: meta-training accuracy (dashed) and meta-validation accuracy (solid,
       with its 95% CI band) against outer step;
     - ``step_sizes.png``: the learned step sizes, mean of alpha (latent inner loop) and of
@@ -234,9 +242,27 @@ def plot_histories(
     style = {run: colors[i % len(colors)] for i, run in enumerate(histories)}
 
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    flagged = False
     for run, rows in histories.items():
-        ax.plot(*_finite(rows, "train_loss"), marker="o", ms=3, color=style[run], label=run)
-    ax.set(xlabel="outer step", ylabel="meta-training loss", title=f"{title}: meta-training loss")
+        steps, loss = _finite(rows, "train_loss")
+        ax.plot(steps, loss, marker="o", ms=3, color=style[run], label=run)
+        bad = [
+            (s, v)
+            for s, v, r in zip(steps, loss, _with(rows, "train_loss"), strict=True)
+            if r.get("nonfinite_steps", 0) > 0
+        ]
+        if bad:
+            flagged = True
+            ax.scatter(*zip(*bad, strict=True), s=70, marker="x", color=style[run], zorder=3)
+    if flagged:  # a label once, in black: the crosses take their run's colour
+        ax.scatter([], [], s=70, marker="x", color="k", label="interval with non-finite steps")
+    if any(v > 0 for _, rows in histories.items() for v in _finite(rows, "train_loss")[1]):
+        ax.set_yscale("log")  # a rare huge loss (a sampled classifier) would flatten the rest
+    ax.set(
+        xlabel="outer step",
+        ylabel="meta-training loss (mean of the finite steps)",
+        title=f"{title}: meta-training loss",
+    )
     ax.grid(alpha=0.3)
     ax.legend(title="run")
     _save(fig, out_dir / "loss.png", dpi)

@@ -4,10 +4,16 @@
 into a new directory, turns ``params.yaml`` into tiny params (a 15-character real Omniglot
 subset, a 1-epoch WRN-10-1, a few eager LEO steps, a few evaluation episodes) and makes it a
 git repository with one commit, ready for ``dvc repro``.
+
+:func:`built_project` is that project after one full ``dvc repro`` (about 50 s on 2 cores),
+built once per test session however many pytest-xdist workers ask for it (a file lock in
+the session's shared temporary directory), and :func:`copy_built` gives a test module its
+own copy of it (git history, DVC cache, ``data/``, ``reports/``), up to date.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -15,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -85,11 +92,14 @@ def tiny_params(params: dict, sha: str) -> dict:
 
 
 def env_for(data_dir: Path) -> dict[str, str]:
-    """Environment of the subprocesses: this venv first on PATH, the tiny data dir."""
+    """Environment of the subprocesses: this venv first on PATH, the tiny data dir, one
+    OpenMP thread per process (the two pytest workers share two cores: a second thread of a
+    stage only spins)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LEO_", "PREFECT_"))}
     env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         LEO_DATA_DIR=str(data_dir),
+        OMP_NUM_THREADS="1",
         GIT_AUTHOR_NAME="t",
         GIT_AUTHOR_EMAIL="t@t",
         GIT_COMMITTER_NAME="t",
@@ -164,3 +174,74 @@ def ran_stages(output: str) -> list[str]:
     return [
         line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")
     ]
+
+
+@dataclass(frozen=True)
+class Built:
+    """The tiny project after its first full ``dvc repro``: read it, never change it (copy it
+    with :func:`copy_built`).
+
+    Attributes:
+        root: holds ``project/`` (the git repository) and ``shared/`` (its data directory).
+        stages: every stage of its ``dvc.yaml``, in file order.
+        repro: the standard output of that ``dvc repro``.
+        status: ``dvc status --json`` right after it.
+    """
+
+    root: Path
+    stages: list[str]
+    repro: str
+    status: dict
+
+    @property
+    def project(self) -> Path:
+        return self.root / "project"
+
+
+def built_project(where: Path) -> Built:
+    """The tiny project (:func:`make_project`) after one full ``dvc repro``, under ``where``.
+
+    The first process to ask builds it (in ``where.tmp``, renamed to ``where`` once done);
+    others wait on the file lock ``where.lock`` and read it. A failed build is recorded in
+    ``where.failed``, so the processes after it fail at once with its message.
+    """
+    record = where / "build.json"
+    with open(f"{where}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        failed = Path(f"{where}.failed")
+        if failed.is_file():
+            raise AssertionError(f"the shared tiny project failed to build: {failed.read_text()}")
+        if not record.is_file():
+            try:
+                _build(where)
+            except BaseException as err:
+                failed.write_text(str(err) or type(err).__name__)
+                raise
+    return Built(where, **json.loads(record.read_text()))
+
+
+def _build(where: Path) -> None:
+    tmp = where.with_name(where.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    project, env = make_project(tmp)
+    built = {
+        "stages": stage_names(project, env),
+        "repro": dvc("repro", cwd=project, env=env, timeout=900).stdout,
+        "status": json.loads(dvc("status", "--json", cwd=project, env=env).stdout),
+    }
+    (tmp / "build.json").write_text(json.dumps(built))
+    os.rename(tmp, where)
+
+
+def _no_dvc_tmp(folder: str, names: list[str]) -> list[str]:
+    """``shutil.copytree``'s ignore: DVC's ``.dvc/tmp`` (locks, temporary state)."""
+    return ["tmp"] if Path(folder).name == ".dvc" and "tmp" in names else []
+
+
+def copy_built(built: Built, root: Path) -> tuple[Path, dict[str, str]]:
+    """A copy of the built project under ``root/project`` (its data directory in
+    ``root/shared``), as :func:`make_project` lays one out; returns (path, env)."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(built.root / "shared", root / "shared")
+    shutil.copytree(built.project, root / "project", symlinks=True, ignore=_no_dvc_tmp)
+    return root / "project", env_for(root / "shared")

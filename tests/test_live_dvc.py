@@ -1,6 +1,7 @@
-"""DVCLive training logs in the real DVC pipeline: ``dvc exp run`` of a tiny copy of the project
-up to ``compare@1shot``, then what ``dvc exp show`` and ``dvc plots show`` read from the logs, and
-a forced rerun that must leave every checkpoint and plot file byte-identical."""
+"""DVCLive training logs in the real DVC pipeline: ``dvc exp run`` up to ``compare@1shot`` in a
+copy of the tiny project after its first ``dvc repro`` (the session's shared build), then what
+``dvc exp show`` and ``dvc plots show`` read from the logs, and a forced rerun that must leave
+every checkpoint and plot file byte-identical."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 
 import pytest
 import yaml
-from pipeline_helpers import OMNIGLOT, dvc, make_project
+from pipeline_helpers import OMNIGLOT, copy_built, dvc
 
 LOGS = {
     "pretrain": "reports/pretrain",
@@ -16,13 +17,13 @@ LOGS = {
     "maml": "reports/compare/1shot/maml",
 }
 needs_data = pytest.mark.skipif(not OMNIGLOT.is_file(), reason="real Omniglot data not available")
-pytestmark = [needs_data, pytest.mark.slow]  # about a minute of real DVC runs
+pytestmark = [needs_data, pytest.mark.slow]  # about half a minute of real DVC runs
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> dict:
+def run(built, tmp_path_factory) -> dict:
     """One experiment up to compare@1shot, its exp show and plots show, then a forced rerun."""
-    project, env = make_project(tmp_path_factory.mktemp("live"))
+    project, env = copy_built(built, tmp_path_factory.mktemp("live"))
     r: dict = {"project": project}
     dvc("exp", "run", "compare@1shot", cwd=project, env=env, timeout=600)
     r["exp_show"] = json.loads(dvc("exp", "show", "--json", cwd=project, env=env).stdout)

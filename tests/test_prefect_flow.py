@@ -1,6 +1,8 @@
 """The Prefect flow for real: a local Prefect server (SQLite), the served deployment
-``leo/full``, ``prefect deployment run`` over a tiny copy of the project; and the flow's
-params editing and DAG ordering on their own."""
+``leo/full``, ``prefect deployment run`` over a copy of the tiny project after its first
+``dvc repro`` (the session's shared build): invalid parameters, a run that fails at a stage,
+then a plain run that completes the whole DAG as tasks; and the flow's params editing and DAG
+ordering on their own."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import time
 import httpx
 import pytest
 import yaml
-from pipeline_helpers import BIN, OMNIGLOT, REPO, dvc, make_project, stage_names
+from pipeline_helpers import BIN, REPO, copy_built, dvc, stage_names
 
 from leo.utils.errors import LeoInputError
 from pipeline.flow import param_updates, pipeline_stages, prepare_params
@@ -71,12 +73,11 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A Prefect server and ``python -m pipeline.serve`` in a tiny project; yields a dict."""
-    if not OMNIGLOT.is_file():
-        pytest.skip("real Omniglot data not available")
+def served(built, tmp_path_factory):
+    """A Prefect server and ``python -m pipeline.serve`` in a copy of the built tiny project;
+    yields a dict."""
     root = tmp_path_factory.mktemp("prefect")
-    project, env = make_project(root)
+    project, env = copy_built(built, root)
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {
@@ -86,6 +87,7 @@ def served(tmp_path_factory):
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "false",
         "PREFECT_LOGGING_LEVEL": "INFO",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",  # serve picks a run up within 1 s, not 10
     }
     logs = {name: (root / f"{name}.log").open("w") for name in ("server", "serve")}
     server = subprocess.Popen(
@@ -130,7 +132,8 @@ def served(tmp_path_factory):
 def deployment_run(served, *params: str) -> tuple[subprocess.CompletedProcess, dict]:
     """``prefect deployment run leo/full --watch``; returns (process, the flow run)."""
     done = subprocess.run(
-        [str(BIN / "prefect"), "deployment", "run", "leo/full", *params, "--watch"],
+        [str(BIN / "prefect"), "deployment", "run", "leo/full", *params, "--watch"]
+        + ["--watch-interval", "1"],
         cwd=served["root"],
         env=served["env"],
         capture_output=True,
@@ -150,12 +153,33 @@ def task_run_names(served, flow_run_id: str) -> list[str]:
     return [r["name"] for r in runs]
 
 
+@pytest.fixture(scope="module")
+def runs(served) -> dict:
+    """Three deployment runs, one after the other: invalid flow parameters, a run that fails
+    at its download stage, then a plain run (every stage up to date but the two the failed
+    run changed); for each, the process, the flow run, its task names and params.yaml after."""
+    params = served["project"] / "params.yaml"
+    # Valid params, but the archive does not have this checksum: download fails at run time.
+    files = json.dumps([{"name": "tiny.zip", "sha256": "0" * 64}])
+    asks = {
+        "invalid": ("--params", '{"params": {"evaluate.num_episodes": 0}}'),
+        "failed": ("--params", '{"params": {"download.omniglot.files": ' + files + "}}"),
+        "plain": (),
+    }
+    out: dict = {"params_before": params.read_bytes()}
+    for name, args in asks.items():
+        done, flow_run = deployment_run(served, *args)
+        names = task_run_names(served, flow_run["id"])
+        out[name] = {"done": done, "flow_run": flow_run, "names": names}
+        out[name]["params_after"] = params.read_bytes()
+    return out
+
+
 @pytest.mark.slow
-def test_deployment_run_completes_the_whole_dag_with_metrics(served):
-    done, flow_run = deployment_run(served)
+def test_deployment_run_completes_the_whole_dag_with_metrics(served, runs):
+    done, flow_run, names = (runs["plain"][k] for k in ("done", "flow_run", "names"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert flow_run["state"]["type"] == "COMPLETED"
-    names = task_run_names(served, flow_run["id"])
     stages = [n.removeprefix("dvc repro ") for n in names if n.startswith("dvc repro ")]
     project = served["project"]
     assert stages == pipeline_stages(project, env=served["env"])  # as `dvc repro`: every stage
@@ -175,36 +199,28 @@ def test_deployment_run_completes_the_whole_dag_with_metrics(served):
 
 
 @pytest.mark.slow
-def test_invalid_flow_parameters_fail_before_anything_runs_or_is_written(served):
-    before = (served["project"] / "params.yaml").read_bytes()
-    done, flow_run = deployment_run(served, "--params", '{"params": {"evaluate.num_episodes": 0}}')
+def test_invalid_flow_parameters_fail_before_anything_runs_or_is_written(runs):
+    done, flow_run, names = (runs["invalid"][k] for k in ("done", "flow_run", "names"))
     assert done.returncode == 1
     assert flow_run["state"]["type"] == "FAILED"
     assert (
         "evaluate.num_episodes: must be greater than or equal to 1" in flow_run["state"]["message"]
     )
-    assert (served["project"] / "params.yaml").read_bytes() == before
-    assert task_run_names(served, flow_run["id"]) == []  # no stage ran
+    assert runs["invalid"]["params_after"] == runs["params_before"]
+    assert names == []  # no stage ran
 
 
 @pytest.mark.slow
-def test_a_failed_run_restores_params_and_the_next_plain_run_completes(served):
-    project = served["project"]
-    before = (project / "params.yaml").read_bytes()
-    # Valid params, but the archive does not have this checksum: download fails at run time.
-    files = json.dumps([{"name": "tiny.zip", "sha256": "0" * 64}])
-    done, flow_run = deployment_run(
-        served, "--params", '{"params": {"download.omniglot.files": ' + files + "}}"
-    )
+def test_a_failed_run_restores_params_and_the_next_plain_run_completes(runs):
+    done, flow_run, names = (runs["failed"][k] for k in ("done", "flow_run", "names"))
     assert done.returncode == 1 and flow_run["state"]["type"] == "FAILED"
-    names = task_run_names(served, flow_run["id"])
     assert "set-params" in " ".join(names) and "dvc repro download" in names
     assert "publish-metrics" not in " ".join(names)  # nothing after the failed stage ran
     assert not any(n.endswith("report") for n in names)
-    assert (project / "params.yaml").read_bytes() == before  # as the run found it
-    done, flow_run = deployment_run(served)
-    assert done.returncode == 0 and flow_run["state"]["type"] == "COMPLETED"
-    assert (project / "params.yaml").read_bytes() == before
+    assert runs["failed"]["params_after"] == runs["params_before"]  # as the run found it
+    plain = runs["plain"]
+    assert plain["done"].returncode == 0 and plain["flow_run"]["state"]["type"] == "COMPLETED"
+    assert plain["params_after"] == runs["params_before"]
 
 
 # -- without a server -------------------------------------------------------------------------

@@ -252,6 +252,7 @@ def _compare_doc() -> dict:
         evaluate__num_episodes=20,
         evaluate__batch_size=10,
         compare__methods=["leo", "leo-deterministic"],
+        compare__train_steps=4,  # params.yaml's 1000: the resume checks need no more than 4
         compare__num_episodes=20,
         compare__ensemble_episodes=0,
         compare__figure_episodes=0,

@@ -1,7 +1,8 @@
 """Two machines, one pipeline state: two git clones of a tiny real project and the default
-local-directory DVC remote. One clone runs up to ``embed`` and pushes; the other pulls only
-what ``metatrain@1shot`` reads and runs it, without re-running anything upstream. An
-unreachable or unknown remote is refused in one line before anything runs."""
+local-directory DVC remote. One (a copy of the session's shared build, with a new LEO param)
+runs up to ``embed`` and pushes; the other pulls only what ``metatrain@5shot`` reads and runs
+it, without re-running anything upstream. An unreachable or unknown remote is refused in one
+line before anything runs."""
 
 from __future__ import annotations
 
@@ -9,19 +10,20 @@ import json
 
 import pytest
 import yaml
-from pipeline_helpers import OMNIGLOT, dvc, git, make_project, ran_stages
+from pipeline_helpers import OMNIGLOT, copy_built, dvc, git, make_project, ran_stages, set_param
 
 from leo.utils.errors import LeoInputError
 from pipeline.flow import pipeline_stages, repro_stage
 from pipeline.remote import check_remote, stage_inputs
 
 pytestmark = [
-    pytest.mark.slow,  # about a minute of real dvc
+    pytest.mark.slow,  # half a minute of real dvc
     pytest.mark.skipif(not OMNIGLOT.is_file(), reason="real Omniglot data not available"),
 ]
 
 
 RUN = "5shot"  # a run without a hyperparameter search (tune.runs) in the default params
+DATA_STAGES = ("check", "download", "prepare", "pretrain", "embed")
 
 
 class Log:
@@ -47,15 +49,19 @@ def run_flow_stages(project, env, targets, **sync) -> tuple[dict[str, str], Log]
     return status, log
 
 
-def test_a_clone_pulls_what_metatrain_reads_from_the_remote_another_clone_pushed(tmp_path):
-    project, env = make_project(tmp_path)  # tmp_path/project
+def test_a_clone_pulls_what_metatrain_reads_from_the_remote_another_clone_pushed(built, tmp_path):
+    project, env = copy_built(built, tmp_path)  # tmp_path/project, built up to report
     storage = tmp_path / "leo-dvc-storage"  # the default remote `local`: ../../leo-dvc-storage
     assert check_remote(project, None, pull=False, push=True, env=env) == "local"
     assert not storage.exists()  # DVC creates it on the first push
 
+    # A new LEO param: metatrain must run on the other machine; check reruns here (params.yaml
+    # changed), the stages up to embed are up to date. Each pushes: run or found up to date.
+    set_param(project, "metatrain.common.num_steps", 5)
     status, log = run_flow_stages(project, env, ["embed"], push="local")
-    assert status == {s: "ran" for s in ("check", "download", "prepare", "pretrain", "embed")}
-    assert any(line.startswith("embed: dvc push:") for line in log.lines)
+    assert status == {"check": "ran", **{s: "skipped" for s in DATA_STAGES[1:]}}
+    for stage in DATA_STAGES:
+        assert any(line.startswith(f"{stage}: dvc push:") for line in log.lines), stage
     assert storage.is_dir()
     git("add", "-A", cwd=project, env=env)
     git("commit", "-q", "-m", "ran up to embed", cwd=project, env=env)
@@ -81,7 +87,7 @@ def test_a_clone_pulls_what_metatrain_reads_from_the_remote_another_clone_pushed
         assert not (clone / absent).exists(), absent
     assert (clone / f"data/metatrain/{RUN}/best.pt").is_file()
     metrics = json.loads((clone / f"reports/metatrain/{RUN}/metrics.json").read_text())
-    assert metrics["best_val_accuracy"] > 0
+    assert metrics["best_val_accuracy"] > 0 and metrics["steps"] == 5  # run here, not A's
     # nothing upstream re-ran: their dvc.lock entries are A's, and DVC finds all up to date
     done = dvc("repro", "--allow-missing", "--dry", f"metatrain@{RUN}", cwd=clone, env=env)
     assert ran_stages(done.stdout) == []

@@ -51,6 +51,7 @@ def history_rows(steps=(100, 200, 300), base=0.5) -> list[dict]:
             "train_accuracy": base + s / 2000,
             "val_accuracy": base + s / 3000,
             "val_ci95": 0.01,
+            "nonfinite_steps": 2 if s == 200 else 0,
             "inner_lr_mean": 1.0 + s / 10000,
             "finetune_lr_mean": 1e-3 * (1 + s / 1000),
         }

@@ -1,6 +1,7 @@
 """Meta-training: learns an easy problem fast, resumes exactly (logs included), refuses a state
 made on other data, writes deterministic checkpoints, runs on the threads it is given."""
 
+import math
 import time
 
 import pytest
@@ -196,3 +197,31 @@ def test_training_runs_on_the_cpu_threads_it_is_given_and_restores_the_setting(t
         assert spy.threads == [2, 2]  # None: torch's own setting
     finally:
         torch.set_num_threads(before)
+
+
+def test_train_loss_averages_the_finite_steps_and_counts_the_others(tmp_path, monkeypatch):
+    """Steps 3 and 4 report NaN and inf losses: the interval's loss is the mean of its other
+    8 steps (recomputed here from the losses themselves), and the row says 2 non-finite."""
+    from leo.meta import train as train_module
+
+    seen: list[float] = []
+    real = train_module.MetaStep
+
+    class Flaky(real):
+        def __call__(self, *args, **kwargs):
+            metrics = dict(super().__call__(*args, **kwargs))
+            bad = {3: math.nan, 4: math.inf}.get(len(seen) + 1)
+            if bad is not None:
+                metrics["loss"] = torch.as_tensor(bad, dtype=metrics["loss"].dtype)
+            seen.append(float(metrics["loss"]))
+            return metrics
+
+    monkeypatch.setattr(train_module, "MetaStep", Flaky)
+    train, val, _ = _splits()
+    result = meta_train(_cfg(num_steps=20), train, val, tmp_path, progress=False)
+    first, second = result.history
+    finite = [v for v in seen[:10] if math.isfinite(v)]
+    assert len(finite) == 8 and first["nonfinite_steps"] == 2
+    assert first["train_loss"] == pytest.approx(sum(finite) / 8, rel=1e-12)
+    assert second["nonfinite_steps"] == 0
+    assert second["train_loss"] == pytest.approx(sum(seen[10:20]) / 10, rel=1e-12)

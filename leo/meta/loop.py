@@ -9,8 +9,11 @@ the rest:
 - every ``cfg.validate_every`` steps (and at the last), meta-validation on the same
   ``cfg.val_batches * cfg.val_batch_size`` episodes each time (seed ``cfg.seed +
   VAL_SEED_OFFSET``), one history row (step, train loss/accuracy averaged since the last
-  validation, validation accuracy and CI, the method's columns), logged to DVCLive when a
-  log is given (:mod:`leo.utils.live`);
+  validation, validation accuracy and CI, how many of those steps had a non-finite loss,
+  the method's columns), logged to DVCLive when a log is given (:mod:`leo.utils.live`).
+  The loss is averaged over the finite steps only: LEO's weight std is exp(raw) - (1 -
+  offset), so a sampled classifier can now and then give an infinite or NaN loss, whose
+  update the NaN fallback replaces (:mod:`leo.core.optim`, as the reference code);
 - ``best.pt``, the best-on-validation parameters, and ``state.pt``, everything needed to
   continue after a kill (parameters, Adam moments, step, the generators' states, best so
   far, history, elapsed time, config, data digest), both written atomically with
@@ -30,6 +33,7 @@ history, so equal inputs give byte-identical ``best.pt`` and DVCLive plot files.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,7 +57,14 @@ if TYPE_CHECKING:
 VAL_SEED_OFFSET = 10_007  # validation episodes: fixed by cfg.seed, the same at every validation
 BEST_FILE = "best.pt"
 STATE_FILE = "state.pt"
-HISTORY_FIELDS = ["step", "train_loss", "train_accuracy", "val_accuracy", "val_ci95"]
+HISTORY_FIELDS = [
+    "step",
+    "train_loss",  # mean over the interval's steps with a finite loss
+    "train_accuracy",
+    "val_accuracy",
+    "val_ci95",
+    "nonfinite_steps",  # steps of the interval whose loss was NaN or infinite
+]
 
 Batch = Any  # what a method's ``draw`` returns and its step consumes
 StepFn = Callable[[Params, Adam, Batch], dict[str, torch.Tensor]]
@@ -243,8 +254,16 @@ def run_loop(
         while step < end:
             drawn = next(batches)
             metrics = step_fn(params, opt, drawn.batch)
-            for k in ("loss", "accuracy"):
-                sums[k] = sums.get(k, 0.0) + metrics[k]
+            # the loss averaged over the steps where it is finite; the others (their update
+            # made by the NaN fallback, leo.core.optim) are counted apart
+            loss = torch.as_tensor(metrics["loss"], dtype=torch.float64)
+            finite = torch.isfinite(loss).to(torch.float64)
+            for k, v in (
+                ("loss", torch.nan_to_num(loss) * finite),
+                ("finite", finite),
+                ("accuracy", metrics["accuracy"]),
+            ):
+                sums[k] = sums.get(k, 0.0) + v
             since += 1
             step += 1
             bar.update(1)
@@ -257,12 +276,14 @@ def run_loop(
                 batch_size=cfg.val_batch_size,
                 seed=cfg.seed + VAL_SEED_OFFSET,
             )
+            finite_steps = round(float(sums["finite"]))
             row = {
                 "step": step,
-                "train_loss": float(sums["loss"]) / since,
+                "train_loss": float(sums["loss"]) / finite_steps if finite_steps else math.nan,
                 "train_accuracy": float(sums["accuracy"]) / since,
                 "val_accuracy": val_result.mean,
                 "val_ci95": val_result.ci95,
+                "nonfinite_steps": since - finite_steps,
                 **method.columns(params),
             }
             history.append(row)

@@ -296,7 +296,7 @@ class Tune(Section):
     gpus_per_trial: Annotated[float, Field(ge=0.0)] = 0.0
     device: Device = "auto"
     max_failures: Count = 2
-    synch: bool = False
+    synch: bool = True
     quantile_fraction: Annotated[float, Field(gt=0.0, le=0.5)] = 0.25
     resample_probability: Annotated[float, Field(ge=0.0, le=1.0)] = 0.25
     space: dict[str, SearchRange] = {}

@@ -7,12 +7,12 @@ scheduler ranks them by meta-validation accuracy; each member of the bottom
 ``quantile_fraction`` copies the whole state of one of the top (exploit) and perturbs its
 hyperparameters (explore: each float times 0.8 or 1.2, a choice moved to a neighbour,
 either resampled with ``resample_probability``; then clamped into the space, which Ray Tune
-does not do, by ``custom_explore_fn``). By default the scheduler is asynchronous (a trial
-is ranked when it reports); ``synch`` makes every member reach the interval before any is
-ranked, and with the scheduler's random choices seeded (:func:`seeded_pbt`, a subclass
-because Ray Tune draws them from Python's global generator) the search is then
-repeatable. A trial that dies is restarted from its last checkpoint up to
-``max_failures`` times.
+does not do, by ``custom_explore_fn``). By default (``synch``, as ``params.yaml``) every
+member reaches the interval before any is ranked, and with the scheduler's random choices
+seeded (:func:`seeded_pbt`, a subclass because Ray Tune draws them from Python's global
+generator) the search is repeatable; ``synch=False`` ranks a trial when it reports
+(asynchronous: a little faster, and two runs may differ). A trial that dies is restarted
+from its last checkpoint up to ``max_failures`` times.
 
 Where it runs (:func:`connect`): an existing Ray cluster when ``address`` (or
 ``$RAY_ADDRESS``) names one, else a local Ray started for the search and stopped after.
@@ -80,7 +80,8 @@ class SearchSettings:
         quantile_fraction, resample_probability, perturbation_factors: PBT's exploit and
             explore settings (Ray Tune's defaults).
         seed: seeds the population's draws and the scheduler's choices.
-        synch: rank only when every trial reached the interval (repeatable, slower).
+        synch: rank only when every trial reached the interval (repeatable; False:
+            asynchronous, a little faster, not repeatable).
         reuse_actors: let a trial start in the process another trial left (no new process,
             no new torch import); False: a new process on the node the scheduler chose.
         where: how to name the settings in messages (e.g. ``params.yaml: tune``).
@@ -101,7 +102,7 @@ class SearchSettings:
     resample_probability: float = 0.25
     perturbation_factors: tuple[float, float] = (1.2, 0.8)
     seed: int = 0
-    synch: bool = False
+    synch: bool = True
     reuse_actors: bool = True
     where: str = "tune"
 
