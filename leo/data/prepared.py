@@ -96,3 +96,23 @@ def load_prepared_split(root: str | Path, split: str) -> PreparedSplit:
             classes=list(manifest["splits"][split]["classes"]),
             ids=z["ids"],
         )
+
+
+def read_split_file(path: str | Path) -> tuple[dict, bytes]:
+    """A versioned split file (``leo/data/splits/*.json``): its JSON object, holding a
+    ``splits`` mapping, and its bytes (for the manifest's sha256).
+
+    Raises:
+        LeoInputError: a missing file, bad JSON, or no ``splits`` mapping, naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LeoInputError(f"{path}: split file not found")
+    data = path.read_bytes()
+    try:
+        spec = json.loads(data)
+    except ValueError as err:
+        raise LeoInputError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("splits"), dict):
+        raise LeoInputError(f"{path}: missing or malformed key 'splits'")
+    return spec, data

@@ -30,14 +30,13 @@ with antialiasing by :func:`leo.data.raw.images.prepare_image`). Example ids are
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from leo.data.prepared import SPLITS, PreparedSplit
+from leo.data.prepared import SPLITS, PreparedSplit, read_split_file
 from leo.data.raw.images import Member, RawFiles, check_classes, resize_many
 from leo.data.raw.mini_imagenet_cache import as_name, field
 from leo.data.safe_pickle import safe_load
@@ -85,15 +84,7 @@ def load_class_split(path: str | Path) -> ClassSplit:
             splits.
     """
     path = Path(path)
-    if not path.is_file():
-        raise LeoInputError(f"{path}: split file not found")
-    data = path.read_bytes()
-    try:
-        spec = json.loads(data)
-    except ValueError as err:
-        raise LeoInputError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(spec, dict) or not isinstance(spec.get("splits"), dict):
-        raise LeoInputError(f"{path}: missing or malformed key 'splits'")
+    spec, data = read_split_file(path)
     if spec.get("by") not in ("class", "superclass"):
         raise LeoInputError(f"{path}: key 'by' must be 'class' or 'superclass'")
     if not isinstance(spec.get("source"), str) or not spec["source"].strip():

@@ -17,14 +17,13 @@ Classes are ``<alphabet>/<character>``, example ids ``<alphabet>/<character>/<pn
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from leo.data.prepared import SPLITS, PreparedSplit
+from leo.data.prepared import SPLITS, PreparedSplit, read_split_file
 from leo.data.raw.images import Member, RawFiles, check_classes, decode_many
 from leo.utils.errors import LeoInputError
 
@@ -56,15 +55,7 @@ def load_split_file(path: str | Path) -> AlphabetSplit:
         LeoInputError: missing file, bad JSON, a malformed key, an alphabet in two splits.
     """
     path = Path(path)
-    if not path.is_file():
-        raise LeoInputError(f"{path}: split file not found")
-    data = path.read_bytes()
-    try:
-        spec = json.loads(data)
-    except ValueError as err:
-        raise LeoInputError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(spec, dict) or not isinstance(spec.get("splits"), dict):
-        raise LeoInputError(f"{path}: missing or malformed key 'splits'")
+    spec, data = read_split_file(path)
     splits: dict[str, list[str]] = {}
     owner: dict[str, str] = {}
     for split in SPLITS:
